@@ -1,0 +1,91 @@
+"""capture: live Python objects <-> self-describing msgpack bundles of source and data.
+
+User code travels as source text with its original file name and line; the destination
+recompiles it. Objects from modules the destination has (``policy.provides``) travel by
+name. Tensors and arrays travel as raw frames. No pickle, no marshal, no bytecode.
+
+    data = capture.dumps(obj)            # bytes
+    obj = capture.loads(data)            # a fresh copy, in fresh namespaces
+
+``encode``/``decode`` are the same with the frames kept apart, for transports that move
+large buffers separately (the runner puts them in shared memory).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from . import format as _format
+from .decoder import Decoder, Unavailable
+from .destination import DEFAULT, DefaultDestination, Destination
+from .encoder import Bundle, Encoder
+from .errors import BundleError, CaptureError
+from .source import compile_segment
+
+__all__ = [
+    "dumps", "loads", "encode", "encode_variables", "decode", "Bundle", "CaptureError", "BundleError",
+    "Destination", "DefaultDestination", "DEFAULT", "Unavailable", "compile_cache_info",
+]
+
+
+def encode(obj: Any, *, policy: Any = None, persistent_id: Callable[[Any], str | None] | None = None,
+           label: str = "obj") -> Bundle:
+    """Encode ``obj`` into a :class:`Bundle` (header + frames that view the original memory).
+
+    ``policy`` says what the destination has (default: the stdlib, torch, numpy,
+    transformers, einops). ``persistent_id(obj)`` may return a token for objects the
+    receiver supplies itself; ``label`` starts the paths named in a :class:`CaptureError`.
+    """
+    encoder = Encoder(policy, persistent_id)
+    return encoder.bundle(encoder.value(obj, label))
+
+
+def encode_variables(variables: dict[str, Any], *, policy: Any = None,
+                     persistent_id: Callable[[Any], str | None] | None = None) -> Bundle:
+    """Encode a dict of named values (a call's ``fn``/``args``/``kwargs``, a trace's
+    variables); error paths start at the names: ``args[0].config['db']``."""
+    encoder = Encoder(policy, persistent_id)
+    return encoder.bundle(encoder.variables(variables))
+
+
+def dumps(obj: Any, *, policy: Any = None) -> bytes:
+    """Serialize ``obj`` to bundle bytes, like ``pickle.dumps``; raises :class:`CaptureError`."""
+    return encode(obj, policy=policy).to_bytes()
+
+
+def decode(header: bytes | memoryview, frames: Sequence[memoryview], *, policy: Any = None,
+           persistent_load: Callable[[str], Any] | None = None, device: str | None = None) -> Any:
+    """Rebuild the object of a bundle given as header bytes and frames.
+
+    Writable frames (shared memory) become the tensors' memory without a copy; read-only
+    ones are copied once. ``device`` overrides where tensors go (default: where they were,
+    if that device exists here, else the CPU). Raises :class:`BundleError`; imports the
+    policy refuses raise its ``ImportError``.
+    """
+    parsed, _ = _format.unpack_header(header)
+    return _decode(parsed, [memoryview(f).cast("B") if memoryview(f).format != "B" else memoryview(f) for f in frames],
+                   policy, persistent_load, device)
+
+
+def loads(data: bytes | bytearray | memoryview, *, policy: Any = None,
+          persistent_load: Callable[[str], Any] | None = None, device: str | None = None) -> Any:
+    """Rebuild the object in bundle bytes, like ``pickle.loads``; raises :class:`BundleError`."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BundleError(f"loads expects bytes, not {type(data).__name__}")
+    view = memoryview(data).cast("B") if memoryview(data).format != "B" else memoryview(data)
+    header, start = _format.unpack_header(view)
+    frames = _format.split_frames(view, start, header["frames"])
+    return _decode(header, frames, policy, persistent_load, device)
+
+
+def _decode(header: dict, frames: list, policy: Any, persistent_load: Any, device: str | None) -> Any:
+    if len(frames) != len(header["frames"]):
+        raise BundleError(f"the bundle lists {len(header['frames'])} frames but {len(frames)} came with it")
+    try:
+        return Decoder(header, frames, policy, persistent_load, device).root()
+    except RecursionError:
+        raise BundleError("the bundle nests too deeply to rebuild") from None
+
+
+def compile_cache_info() -> Any:
+    """Hits and misses of the per-segment compile cache (long-lived workers reuse it)."""
+    return compile_segment.cache_info()

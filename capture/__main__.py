@@ -1,0 +1,60 @@
+"""``python -m capture inspect FILE``: what a bundle holds, without running any of it."""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+
+from . import format as fmt
+from .errors import BundleError
+
+
+def describe(data: bytes) -> str:
+    header, start = fmt.unpack_header(data)
+    lines = [
+        f"{fmt.FORMAT_NAME} v{header['version']}: made by Python {header['python']} for policy {header['policy']!r}",
+        f"size: {len(data)} bytes (header {start} incl. padding, frames {len(data) - start})",
+    ]
+    sources = header["sources"]
+    lines.append(f"modules ({len(header['modules'])}):")
+    for record in header["modules"]:
+        names = ", ".join(sorted(record["globals"])) or "-"
+        lines.append(f"  {record['name']}  ({record['file'] or 'no file'})  globals: {names}")
+    lines.append(f"definitions ({len(sources)} source segments):")
+    for s in sources:
+        first = s["text"].lstrip().splitlines()[0] if s["text"].strip() else ""
+        lines.append(f"  {s['file']}:{s['line']}  {s['kind']:6} {len(s['text'])} chars  {first[:60]}")
+    tags = collections.Counter(node[0] for node in header["nodes"] if isinstance(node, list) and node)
+    lines.append(f"values ({len(header['nodes'])} nodes): " + ", ".join(f"{t} {n}" for t, n in sorted(tags.items())))
+    lines.append(f"frames ({len(header['frames'])}):")
+    described = {}
+    for node in header["nodes"]:
+        if node[0] == fmt.TENSOR:
+            meta = node[1]
+            described.setdefault(meta["storage"], f"tensor {meta['dtype']} {meta['shape']} on {meta['device']}")
+        elif node[0] == fmt.NDARRAY:
+            described.setdefault(node[1], f"ndarray {node[2]} {node[3]}")
+        elif node[0] == fmt.BYTES_FRAME:
+            described.setdefault(node[1], "bytes")
+    for number, (offset, length) in enumerate(header["frames"]):
+        lines.append(f"  #{number} at +{offset}: {length} bytes  {described.get(number, '')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m capture", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="describe a bundle file without executing it")
+    inspect.add_argument("file")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.file, "rb") as f:
+            print(describe(f.read()))
+    except (OSError, BundleError) as exc:
+        print(f"python -m capture inspect: {args.file}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Bundle header nodes and frames -> live objects (the receiving side).
+
+Every shipped module gets a fresh namespace per bundle, whose ``__builtins__`` come from
+the destination policy: the imports that shipped code makes meet the policy there.
+Objects are built on demand from the root; mutable containers are registered before
+their contents are built, so shared references and cycles come back as they were.
+"""
+from __future__ import annotations
+
+import types
+from typing import Any, Callable, Sequence
+
+from . import arrays, format as fmt
+from .destination import DEFAULT
+from .errors import BundleError
+from .source import CLOSURE_WRAPPER, Segment, code_of, compile_segment, register_lines
+
+_MISSING = object()
+
+
+class Unavailable:
+    """Stands for a module-level name that could not travel; any use says why."""
+
+    def __init__(self, description: str):
+        self._description = description
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"this value was not shipped: {self._description}")
+
+    __call__ = __iter__ = __len__ = __bool__ = _fail
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self._fail()
+
+    def __repr__(self) -> str:
+        return f"<unavailable: {self._description}>"
+
+
+def _expect(value: Any, kind: type, what: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BundleError(f"malformed bundle: {what} should be {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+class Decoder:
+    def __init__(self, header: dict, frames: Sequence[memoryview], destination: Any = None,
+                 persistent_load: Callable[[str], Any] | None = None, device: str | None = None):
+        self.header = header
+        self.frames = frames
+        self.dest = destination if destination is not None else DEFAULT
+        self.persistent_load = persistent_load
+        self.device = device
+        self.nodes: list = header["nodes"]
+        self.built: list[Any] = [_MISSING] * len(self.nodes)
+        self.state: list[int] = [0] * len(self.nodes)  # 0 new, 1 building, 2 built
+        self.modules: dict[int, types.ModuleType] = {}
+        self.storages: dict[int, Any] = {}
+        self.ready: set[int] = set()
+        self._builtins: dict | None = None
+
+    # --- entry ---
+
+    def root(self) -> Any:
+        value = self.value(self.header["root"])
+        for number in list(self.modules):
+            self._complete_namespace(number)
+        return value
+
+    def value(self, encoded: Any) -> Any:
+        if isinstance(encoded, fmt.Ref):
+            return self.build(encoded.index)
+        if isinstance(encoded, (list, dict)):
+            raise BundleError("malformed bundle: a container appears inline instead of as a node")
+        return encoded
+
+    def build(self, index: int) -> Any:
+        if not 0 <= index < len(self.nodes):
+            raise BundleError(f"malformed bundle: reference to node {index} of {len(self.nodes)}")
+        if self.built[index] is not _MISSING:
+            return self.built[index]  # built, or a container still being filled (a cycle)
+        if self.state[index] == 1:
+            raise BundleError(f"malformed bundle: node {index} refers to itself before it can exist "
+                              "(a cycle through a tuple, frozenset or class statement)")
+        node = self.nodes[index]
+        if not isinstance(node, list) or not node or node[0] not in fmt.TAGS:
+            raise BundleError(f"malformed bundle: node {index} is not a known node")
+        self.state[index] = 1
+        try:
+            obj = getattr(self, "_" + node[0])(index, node[1:])
+        except (BundleError, ImportError, RecursionError):
+            raise
+        except Exception as exc:  # malformed fields, or shipped code that raised while rebuilding
+            raise BundleError(f"cannot rebuild node {index} ({node[0]}): {type(exc).__name__}: {exc}") from exc
+        self.built[index] = obj
+        self.state[index] = 2
+        return obj
+
+    def _register(self, index: int, obj: Any) -> Any:
+        """Make a container visible to references inside itself before it is filled."""
+        self.built[index] = obj
+        return obj
+
+    # --- containers and scalars ---
+
+    def _list(self, index: int, fields: list) -> list:
+        result = self._register(index, [])
+        result.extend(self.value(v) for v in _expect(fields[0], list, "list items"))
+        return result
+
+    def _tuple(self, index: int, fields: list) -> tuple:
+        return tuple(self.value(v) for v in _expect(fields[0], list, "tuple items"))
+
+    def _dict(self, index: int, fields: list) -> dict:
+        result = self._register(index, {})
+        for pair in _expect(fields[0], list, "dict items"):
+            _expect(pair, list, "dict item")
+            if len(pair) != 2:
+                raise BundleError("malformed bundle: a dict item is not a key/value pair")
+            result[self.value(pair[0])] = self.value(pair[1])
+        return result
+
+    def _set(self, index: int, fields: list) -> set:
+        result = self._register(index, set())
+        result.update(self.value(v) for v in _expect(fields[0], list, "set items"))
+        return result
+
+    def _frozenset(self, index: int, fields: list) -> frozenset:
+        return frozenset(self.value(v) for v in _expect(fields[0], list, "frozenset items"))
+
+    def _bytearray(self, index: int, fields: list) -> bytearray:
+        return bytearray(_expect(fields[0], bytes, "bytearray data"))
+
+    def _bigint(self, index: int, fields: list) -> int:
+        text = _expect(fields[0], str, "big integer")
+        if len(text) > 100_000:
+            raise BundleError("malformed bundle: an integer of more than 100000 digits")
+        return int(text)
+
+    def _complex(self, index: int, fields: list) -> complex:
+        return complex(_expect(fields[0], float, "complex real part"), _expect(fields[1], float, "complex imaginary part"))
+
+    def _bytesframe(self, index: int, fields: list) -> bytes:
+        return bytes(self._frame(fields[0]))
+
+    def _frame(self, number: Any) -> memoryview:
+        _expect(number, int, "frame number")
+        if not 0 <= number < len(self.frames):
+            raise BundleError(f"malformed bundle: frame {number} of {len(self.frames)}")
+        return self.frames[number]
+
+    def _persistent(self, index: int, fields: list) -> Any:
+        token = _expect(fields[0], str, "persistent token")
+        if self.persistent_load is None:
+            raise BundleError(f"the bundle refers to {token!r}, an object the receiver must supply, "
+                              "but no persistent_load was given")
+        return self.persistent_load(token)
+
+    def _unavailable(self, index: int, fields: list) -> Unavailable:
+        return Unavailable(_expect(fields[0], str, "description"))
+
+    # --- references and modules ---
+
+    def _ref(self, index: int, fields: list) -> Any:
+        module, qualname = _expect(fields[0], str, "module name"), _expect(fields[1], str, "qualified name")
+        try:
+            return self.dest.resolve(module, qualname)
+        except ImportError:
+            raise
+        except AttributeError as exc:
+            raise ImportError(f"{module}.{qualname} does not exist on this side ({exc}); "
+                              "the two sides have different versions of the module") from None
+
+    def _module(self, index: int, fields: list) -> types.ModuleType:
+        self.namespace(fields[0])
+        return self.modules[fields[0]]
+
+    def namespace(self, number: Any) -> dict:
+        """The fresh namespace of shipped module ``number``: a real module's ``__dict__``,
+        so a module object and the functions defined in it share it."""
+        _expect(number, int, "module number")
+        records = self.header["modules"]
+        if not 0 <= number < len(records):
+            raise BundleError(f"malformed bundle: module {number} of {len(records)}")
+        module = self.modules.get(number)
+        if module is None:
+            record = _expect(records[number], dict, "module record")
+            if self._builtins is None:
+                self._builtins = self.dest.builtins()
+            module = types.ModuleType(_expect(record.get("name"), str, "module name"))
+            module.__file__ = record.get("file")
+            module.__package__ = record.get("package")
+            module.__builtins__ = self._builtins
+            self.modules[number] = module
+        return module.__dict__
+
+    def ensure_global(self, number: int, name: str) -> None:
+        namespace = self.namespace(number)
+        if name in namespace:
+            return
+        entries = _expect(self.header["modules"][number].get("globals"), dict, "module globals")
+        if name in entries:
+            namespace[name] = self.value(entries[name])
+
+    def _complete_namespace(self, number: int) -> None:
+        entries = _expect(self.header["modules"][number].get("globals"), dict, "module globals")
+        for name in entries:
+            self.ensure_global(number, _expect(name, str, "global name"))
+
+    def prepare(self, index: int) -> None:
+        """Make the globals a function or class needs present before code runs at load
+        time (a class body, a decorator), following what those globals need in turn."""
+        if index in self.ready:
+            return
+        self.ready.add(index)
+        node = self.nodes[index]
+        if node[0] not in (fmt.FUNCTION, fmt.CLASS):
+            return
+        fields = _expect(node[1], dict, "definition")
+        for name in _expect(fields.get("deps", []), list, "dependencies"):
+            self.ensure_global(fields["module"], name)
+            entry = self.header["modules"][fields["module"]]["globals"].get(name)
+            if isinstance(entry, fmt.Ref):
+                self.prepare(entry.index)
+
+    # --- code ---
+
+    def segment(self, number: Any) -> Segment:
+        _expect(number, int, "source number")
+        sources = self.header["sources"]
+        if not 0 <= number < len(sources):
+            raise BundleError(f"malformed bundle: source {number} of {len(sources)}")
+        s = _expect(sources[number], dict, "source")
+        kind = s.get("kind")
+        if kind not in ("def", "class", "lambda"):
+            raise BundleError(f"malformed bundle: source kind {kind!r}")
+        line, col = _expect(s.get("line"), int, "source line"), _expect(s.get("col"), int, "source column")
+        if not 1 <= line <= 10_000_000 or not 0 <= col <= 100_000:
+            raise BundleError(f"malformed bundle: source position {line}:{col}")
+        segment = Segment(_expect(s.get("file"), str, "source file"), line, col, kind,
+                          _expect(s.get("text"), str, "source text"),
+                          tuple(_expect(f, str, "future name") for f in _expect(s.get("futures"), list, "futures")))
+        register_lines(segment)
+        return segment
+
+    def _function(self, index: int, fields: list) -> types.FunctionType:
+        spec = _expect(fields[0], dict, "function")
+        segment = self.segment(spec["source"])
+        if segment.kind == "class":
+            raise BundleError("malformed bundle: a function node points at a class statement")
+        closure = _expect(spec.get("closure", {}), dict, "closure")
+        freevars = tuple(sorted(closure))
+        code = code_of(compile_segment(segment, freevars), segment, freevars)
+        if set(code.co_freevars) != set(freevars):
+            raise BundleError(f"malformed bundle: {spec.get('qualname')} closes over {sorted(closure)} "
+                              f"but its source uses {sorted(code.co_freevars)}")
+        cells = tuple(self._cell_for(closure[name]) for name in code.co_freevars)
+        namespace = self.namespace(spec["module"])
+        fn = types.FunctionType(code, namespace, _expect(spec["name"], str, "function name"), None, cells or None)
+        self._register(index, fn)
+        fn.__qualname__ = _expect(spec["qualname"], str, "qualified name")
+        fn.__doc__ = self.value(spec.get("doc"))
+        if "module_name" in spec:
+            fn.__module__ = spec["module_name"]
+        fn.__defaults__ = self.value(spec.get("defaults"))
+        fn.__kwdefaults__ = self.value(spec.get("kwdefaults"))
+        annotations = self.value(spec.get("annotations"))
+        if annotations:
+            fn.__annotations__ = annotations
+        attributes = self.value(spec.get("dict"))
+        if attributes:
+            fn.__dict__.update(attributes)
+        return fn
+
+    def _cell_for(self, encoded: Any) -> types.CellType:
+        if encoded is None:
+            return types.CellType()
+        cell = self.value(encoded)
+        if not isinstance(cell, types.CellType):
+            raise BundleError("malformed bundle: a closure entry is not a cell")
+        return cell
+
+    def _cell(self, index: int, fields: list) -> types.CellType:
+        cell = self._register(index, types.CellType())
+        if fields:
+            cell.cell_contents = self.value(fields[0])
+        return cell
+
+    def _class(self, index: int, fields: list) -> type:
+        spec = _expect(fields[0], dict, "class")
+        segment = self.segment(spec["source"])
+        if segment.kind != "class":
+            raise BundleError("malformed bundle: a class node points at a function")
+        self.prepare(index)
+        closure = _expect(spec.get("closure", {}), dict, "class closure")
+        freevars = tuple(sorted(closure))
+        code = compile_segment(segment, freevars)
+        namespace = self.namespace(spec["module"])
+        scope: dict[str, Any] = {}
+        exec(code, namespace, scope)
+        if freevars:
+            values = [self._cell_for(closure[name]).cell_contents if closure[name] is not None else None
+                      for name in freevars]
+            cls = scope[CLOSURE_WRAPPER](*values)
+        else:
+            cls = scope[_expect(spec["name"], str, "class name")]
+        self._register(index, cls)
+        cls.__qualname__ = _expect(spec["qualname"], str, "qualified name")
+        for name, encoded in _expect(spec.get("attrs", {}), dict, "class attributes").items():
+            setattr(cls, name, self.value(encoded))
+        return cls
+
+    def _getattr(self, index: int, fields: list) -> Any:
+        owner = self.value(fields[0])
+        return getattr(owner, _expect(fields[1], str, "attribute name"))
+
+    def _method(self, index: int, fields: list) -> types.MethodType:
+        return types.MethodType(self.value(fields[0]), self.value(fields[1]))
+
+    def _wrap(self, index: int, fields: list) -> Any:
+        kind = {"staticmethod": staticmethod, "classmethod": classmethod}.get(fields[0])
+        if kind is None:
+            raise BundleError(f"malformed bundle: unknown wrapper {fields[0]!r}")
+        return kind(self.value(fields[1]))
+
+    def _property(self, index: int, fields: list) -> property:
+        return property(*(self.value(f) for f in fields[:4]))
+
+    def _lru_cache(self, index: int, fields: list) -> Any:
+        lru_cache = self.dest.resolve("functools", "lru_cache")
+        maxsize = fields[1] if fields[1] is None else _expect(fields[1], int, "lru_cache maxsize")
+        return lru_cache(maxsize=maxsize, typed=bool(fields[2]))(self.value(fields[0]))
+
+    # --- objects ---
+
+    def _object(self, index: int, fields: list) -> Any:
+        cls = self.value(fields[0])
+        if not isinstance(cls, type):
+            raise BundleError(f"malformed bundle: an object's class is a {type(cls).__name__}")
+        args = self.value(fields[1]) or ()
+        kwargs = self.value(fields[2]) or {}
+        obj = self._register(index, cls.__new__(cls, *args, **kwargs))
+        return self._fill(obj, fields[3:])
+
+    def _reduce(self, index: int, fields: list) -> Any:
+        func = self.value(fields[0])
+        if not callable(func):
+            raise BundleError("malformed bundle: a reduce node's constructor is not callable")
+        obj = self._register(index, func(*(self.value(fields[1]) or ())))
+        return self._fill(obj, fields[2:])
+
+    def _fill(self, obj: Any, fields: list) -> Any:
+        state, listitems, dictitems = (self.value(f) for f in fields)
+        if state is not None:
+            setstate = getattr(obj, "__setstate__", None)
+            if setstate is not None:
+                setstate(state)
+            else:
+                slots = None
+                if isinstance(state, tuple) and len(state) == 2:
+                    state, slots = state
+                if state:
+                    obj.__dict__.update(state)
+                for name, value in (slots or {}).items():
+                    object.__setattr__(obj, name, value)
+        if listitems and hasattr(obj, "extend"):
+            obj.extend(listitems)
+        elif listitems:
+            for item in listitems:
+                obj.append(item)
+        for key, value in dictitems or ():
+            obj[key] = value
+        return obj
+
+    # --- tensors and arrays ---
+
+    def _tensor(self, index: int, fields: list) -> Any:
+        meta = _expect(fields[0], dict, "tensor")
+        number = _expect(meta.get("storage"), int, "tensor storage")
+        storage = self.storages.get(number)
+        if storage is None:
+            storage = self.storages[number] = arrays.storage_from_frame(self._frame(number))
+        for key, kind in (("dtype", str), ("shape", list), ("stride", list), ("offset", int), ("device", str)):
+            _expect(meta.get(key), kind, f"tensor {key}")
+        return arrays.tensor_from_storage(storage, meta, self.device)
+
+    def _ndarray(self, index: int, fields: list) -> Any:
+        return arrays.ndarray_from_frame(self._frame(fields[0]), _expect(fields[1], str, "array dtype"),
+                                         _expect(fields[2], list, "array shape"))

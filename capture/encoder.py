@@ -1,0 +1,718 @@
+"""Live objects -> bundle header nodes and frames (the sending side).
+
+One pass over the object graph. Every non-scalar value becomes a node once (a memo by
+identity keeps sharing and cycles); user code becomes source segments bound to
+per-module namespace records, and only the globals that code actually names travel.
+"""
+from __future__ import annotations
+
+import builtins
+import copyreg
+import functools
+import platform
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import arrays, format as fmt
+from .destination import DEFAULT, walk_qualname
+from .errors import CaptureError
+from .source import (
+    Segment, SourceUnavailable, class_segment, class_statement_code, defined_by_class_statement,
+    function_segment, global_names,
+)
+
+#: bytes values longer than this travel as frames, outside the msgpack body.
+BYTES_FRAME_THRESHOLD = 64 * 1024
+_INT_RANGE = (-(2 ** 63), 2 ** 64 - 1)
+_MAX_DEPTH = 400
+_SCALARS = (type(None), bool, float, str)
+#: Set on every shipped namespace when it is created on the receiving side.
+_NAMESPACE_DUNDERS = frozenset({"__name__", "__file__", "__package__", "__builtins__", "__spec__",
+                                "__loader__", "__cached__", "__doc__"})
+
+
+@dataclass
+class Bundle:
+    """An encoded bundle: the msgpack header and the raw frames it indexes.
+
+    ``frames`` are views of the original tensors' memory where possible (no copy);
+    ``keepalive`` holds what they view. ``to_bytes()`` gives the single-buffer form.
+    """
+
+    header: bytes
+    frames: list[memoryview]
+    keepalive: list = field(default_factory=list, repr=False)
+
+    def to_bytes(self) -> bytes:
+        return fmt.join(self.header, self.frames)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + sum(f.nbytes for f in self.frames)
+
+
+@dataclass
+class _ModuleRecord:
+    index: int
+    name: str
+    file: str | None
+    package: str | None
+    entries: dict[str, Any] = field(default_factory=dict)
+    full: bool = False
+
+
+def _refusal(obj: Any) -> tuple[str, str] | None:
+    """Why ``obj`` cannot travel honestly, and what to do instead, for known kinds."""
+    import io
+
+    modules = sys.modules
+    if isinstance(obj, io.IOBase):
+        return ("an open file is a handle into this process",
+                "Read what you need into bytes, str or a tensor first, or open the file inside the "
+                "function so it runs on the worker (subject to the policy).")
+    if isinstance(obj, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)):
+        return ("a generator or coroutine in flight holds a running frame",
+                "Send the generator function itself, or materialise its values with list(...).")
+    if isinstance(obj, (types.FrameType, types.TracebackType)):
+        return ("frames and tracebacks are interpreter state",
+                "Send the data you need from it (for an error: str(exc) or traceback.format_exc()).")
+    if isinstance(obj, types.CodeType):
+        return ("code objects are bytecode, which is specific to one Python version",
+                "Send the function; it travels as source.")
+    threading = modules.get("threading")
+    if threading is not None:
+        lock_types = (type(threading.Lock()), type(threading.RLock()), threading.Condition,
+                      threading.Semaphore, threading.Event, threading.Barrier)
+        if isinstance(obj, lock_types):
+            return ("locks and other synchronisation primitives belong to one process",
+                    "Create a new one inside the function that runs on the worker.")
+        if isinstance(obj, threading.Thread):
+            return ("a thread is a running OS thread of this process",
+                    "Send the function the thread runs and start work on the worker instead.")
+    socket = modules.get("socket")
+    if socket is not None and isinstance(obj, socket.socket):
+        return ("a socket is a connection owned by this process",
+                "Send the data instead; the worker's policy decides whether it may open connections.")
+    sqlite3 = modules.get("sqlite3")
+    if sqlite3 is not None and isinstance(obj, (sqlite3.Connection, sqlite3.Cursor)):
+        return ("a database connection is a handle into this process",
+                "Query the rows you need first and send them (a list, a dict, an array).")
+    if isinstance(obj, memoryview):
+        return ("a memoryview points into another object's memory",
+                "Send bytes(view) or the object it views.")
+    if isinstance(obj, (types.MappingProxyType,)):
+        return ("a mappingproxy is a read-only view of a class namespace", "Send dict(proxy).")
+    return None
+
+
+class Encoder:
+    def __init__(self, destination: Any = None, persistent_id: Callable[[Any], str | None] | None = None):
+        self.dest = destination if destination is not None else DEFAULT
+        self.persistent_id = persistent_id
+        self.nodes: list[Any] = []
+        self.memo: dict[int, fmt.Ref] = {}
+        self.keepalive: list[Any] = []
+        self.frames: list[memoryview] = []
+        self.sources: list[dict] = []
+        self.source_index: dict[Segment, int] = {}
+        self.modules: list[_ModuleRecord] = []
+        self.module_index: dict[int, _ModuleRecord] = {}
+        self.storages: dict[tuple, int] = {}
+        self.tensors: list[tuple[list, Any]] = []
+        self.journal: list[tuple] = []
+        self.open_tuples: set[int] = set()
+        self.depth = 0
+
+    # --- entry points ---
+
+    def bundle(self, root: Any) -> Bundle:
+        self._compact_lone_views()
+        header = {
+            "format": fmt.FORMAT_NAME,
+            "version": fmt.FORMAT_VERSION,
+            "python": platform.python_version(),
+            "policy": getattr(self.dest, "name", type(self.dest).__name__),
+            "root": root,
+            "nodes": self.nodes,
+            "sources": self.sources,
+            "modules": [
+                {"name": m.name, "file": m.file, "package": m.package, "globals": m.entries}
+                for m in self.modules
+            ],
+            "frames": fmt.frame_table(self.frames),
+        }
+        return Bundle(fmt.pack_header(header), self.frames, self.keepalive)
+
+    def variables(self, mapping: dict[str, Any]) -> fmt.Ref:
+        """A dict of named values whose error paths start at the names themselves."""
+        ref = self._new_node(mapping, [fmt.DICT, None])
+        self.nodes[ref.index][1] = [[name, self.value(value, name)] for name, value in mapping.items()]
+        return ref
+
+    # --- the dispatcher ---
+
+    def value(self, obj: Any, path: str) -> Any:
+        kind = type(obj)
+        if kind in _SCALARS:
+            return obj
+        if kind is int:
+            return obj if _INT_RANGE[0] <= obj <= _INT_RANGE[1] else self._node(obj, [fmt.BIGINT, str(obj)])
+        if kind is bytes:
+            if len(obj) <= BYTES_FRAME_THRESHOLD:
+                return obj
+            return self._node(obj, [fmt.BYTES_FRAME, self._frame(memoryview(obj), obj)])
+        ref = self.memo.get(id(obj))
+        if ref is not None:
+            return ref
+        if self.persistent_id is not None:
+            token = self.persistent_id(obj)
+            if token is not None:
+                return self._node(obj, [fmt.PERSISTENT, token])
+        self.depth += 1
+        if self.depth > _MAX_DEPTH:
+            raise CaptureError(path, kind.__name__, f"the object graph nests deeper than {_MAX_DEPTH} levels",
+                               "Flatten the structure (for example a linked list into a list).")
+        try:
+            return self._dispatch(obj, kind, path)
+        finally:
+            self.depth -= 1
+
+    def _dispatch(self, obj: Any, kind: type, path: str) -> Any:
+        if kind is list:
+            ref = self._new_node(obj, [fmt.LIST, None])
+            self.nodes[ref.index][1] = [self.value(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+            return ref
+        if kind is tuple:
+            if id(obj) in self.open_tuples:
+                raise CaptureError(path, "tuple", "this tuple contains itself through other objects, and a "
+                                   "tuple must be complete before anything can refer to it",
+                                   "Make one link of the cycle a list.")
+            self.open_tuples.add(id(obj))
+            try:
+                items = [self.value(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+            finally:
+                self.open_tuples.discard(id(obj))
+            return self._node(obj, [fmt.TUPLE, items])
+        if kind is dict:
+            ref = self._new_node(obj, [fmt.DICT, None])
+            self.nodes[ref.index][1] = [
+                [self.value(k, f"{path}.<key>"), self.value(v, f"{path}[{k!r}]")] for k, v in obj.items()
+            ]
+            return ref
+        if kind in (set, frozenset):
+            tag = fmt.SET if kind is set else fmt.FROZENSET
+            ref = self._new_node(obj, [tag, None])
+            self.nodes[ref.index][1] = [self.value(v, f"{path}.<item>") for v in _stable_order(obj)]
+            return ref
+        if kind is bytearray:
+            return self._node(obj, [fmt.BYTEARRAY, bytes(obj)])
+        if kind is complex:
+            return self._node(obj, [fmt.COMPLEX, obj.real, obj.imag])
+        if arrays.is_tensor(obj):
+            return self._tensor(obj, path)
+        if arrays.is_ndarray(obj):
+            return self._ndarray(obj, path)
+        refusal = _refusal(obj)
+        if refusal is not None:
+            raise CaptureError(path, _type_name(obj), *refusal)
+        if isinstance(obj, types.ModuleType):
+            return self._module(obj, path, full=True)
+        if kind is types.FunctionType:
+            return self._function(obj, path)
+        if isinstance(obj, type):
+            return self._class(obj, path)
+        if kind is types.MethodType:
+            ref = self._new_node(obj, [fmt.BOUND_METHOD, None, None])
+            self.nodes[ref.index][1:] = [self.value(obj.__func__, f"{path}.__func__"),
+                                         self.value(obj.__self__, f"{path}.__self__")]
+            return ref
+        if kind in (types.BuiltinFunctionType, types.MethodWrapperType, types.MethodDescriptorType,
+                    types.WrapperDescriptorType, types.ClassMethodDescriptorType):
+            return self._builtin(obj, path)
+        if kind is functools._lru_cache_wrapper:
+            params = obj.cache_parameters()
+            ref = self._new_node(obj, [fmt.LRU_CACHE, None, params["maxsize"], params["typed"]])
+            self.nodes[ref.index][1] = self.value(obj.__wrapped__, f"{path}.__wrapped__")
+            return ref
+        if kind in (staticmethod, classmethod):
+            ref = self._new_node(obj, [fmt.WRAPPER, kind.__name__, None])
+            self.nodes[ref.index][2] = self.value(obj.__func__, f"{path}.__func__")
+            return ref
+        if kind is property:
+            ref = self._new_node(obj, [fmt.PROPERTY, None, None, None, None])
+            self.nodes[ref.index][1:] = [self.value(obj.fget, f"{path}.fget"), self.value(obj.fset, f"{path}.fset"),
+                                         self.value(obj.fdel, f"{path}.fdel"), self.value(obj.__doc__, f"{path}.__doc__")]
+            return ref
+        return self._reduce(obj, path)
+
+    # --- bookkeeping ---
+
+    def _new_node(self, obj: Any, node: list) -> fmt.Ref:
+        ref = fmt.Ref(len(self.nodes))
+        self.nodes.append(node)
+        self.memo[id(obj)] = ref
+        self.keepalive.append(obj)
+        self.journal.append(("memo", id(obj)))
+        return ref
+
+    def _node(self, obj: Any, node: list) -> fmt.Ref:
+        return self._new_node(obj, node)
+
+    def _frame(self, view: memoryview, owner: Any) -> int:
+        self.frames.append(view)
+        self.keepalive.append(owner)
+        return len(self.frames) - 1
+
+    def _source(self, segment: Segment) -> int:
+        index = self.source_index.get(segment)
+        if index is None:
+            index = len(self.sources)
+            self.sources.append({"file": segment.file, "line": segment.line, "col": segment.col,
+                                 "kind": segment.kind, "text": segment.text, "futures": list(segment.futures)})
+            self.source_index[segment] = index
+        return index
+
+    def checkpoint(self) -> tuple:
+        return (len(self.nodes), len(self.frames), len(self.sources), len(self.modules),
+                len(self.journal), len(self.tensors))
+
+    def rollback(self, mark: tuple) -> None:
+        """Forget everything encoded since ``mark`` (a value that turned out not to travel)."""
+        nodes, frames, sources, modules, journal, tensors = mark
+        for entry in reversed(self.journal[journal:]):
+            if entry[0] == "memo":
+                self.memo.pop(entry[1], None)
+            elif entry[0] == "global":
+                entry[1].entries.pop(entry[2], None)
+            elif entry[0] == "module":
+                self.module_index.pop(entry[1], None)
+            elif entry[0] == "storage":
+                self.storages.pop(entry[1], None)
+        for segment in list(self.source_index):
+            if self.source_index[segment] >= sources:
+                del self.source_index[segment]
+        del self.journal[journal:], self.nodes[nodes:], self.frames[frames:]
+        del self.sources[sources:], self.modules[modules:], self.tensors[tensors:]
+
+    # --- modules and their namespaces ---
+
+    def _record(self, namespace: dict, path: str) -> _ModuleRecord:
+        record = self.module_index.get(id(namespace))
+        if record is None:
+            record = _ModuleRecord(len(self.modules), str(namespace.get("__name__", "__main__")),
+                                   namespace.get("__file__"), namespace.get("__package__"))
+            self.modules.append(record)
+            self.module_index[id(namespace)] = record
+            self.keepalive.append(namespace)
+            self.journal.append(("module", id(namespace)))
+        return record
+
+    def _need_globals(self, namespace: dict, names: dict[str, set[tuple[str, ...]]], path: str) -> list[str]:
+        """Make sure each global name the code uses travels in its module's record."""
+        record = self._record(namespace, path)
+        needed = []
+        for name in names:
+            if name not in namespace or name in _NAMESPACE_DUNDERS:
+                continue  # a builtin, never defined (e.g. only under TYPE_CHECKING), or set on arrival
+            needed.append(name)
+            value = namespace[name]
+            where = f"{record.name}.{name}"
+            if name not in record.entries:
+                record.entries[name] = None  # claimed: recursion back to this name stops here
+                self.journal.append(("global", record, name))
+                if isinstance(value, types.ModuleType) and not self._is_server_module(value):
+                    record.entries[name] = self._module(value, where, full=False)
+                else:
+                    record.entries[name] = self.value(value, where)
+            if isinstance(value, types.ModuleType) and not self._is_server_module(value):
+                for chain in sorted(names[name]):
+                    self._need_module_chain(value, chain, where)
+        return needed
+
+    def _need_module_chain(self, module: types.ModuleType, chain: tuple[str, ...], path: str) -> None:
+        if not chain or chain[0] not in vars(module):
+            return
+        self._need_globals(vars(module), {chain[0]: {chain[1:]} if chain[1:] else set()}, path)
+
+    def _is_server_module(self, module: types.ModuleType) -> bool:
+        return self.dest.provides(module.__name__)
+
+    def _module(self, module: types.ModuleType, path: str, full: bool) -> Any:
+        name = module.__name__
+        if self.dest.provides(name):
+            return self._node(module, [fmt.REFERENCE, name, ""])
+        if not _has_source(module):
+            raise CaptureError(
+                path, f"module {name}",
+                f"the destination ({self._dest_name()}) does not have {name!r}, and it has no Python "
+                "source to ship (a C extension or built-in module)",
+                f"Use only modules the destination provides, or ask the server to install {name!r} "
+                "(and add it to your policy).")
+        record = self._record(vars(module), path)
+        ref = self.memo.get(id(module)) or self._node(module, [fmt.MODULE, record.index])
+        if full and not record.full:
+            record.full = True
+            self._ship_whole_module(module, record, path)
+        return ref
+
+    def _ship_whole_module(self, module: types.ModuleType, record: _ModuleRecord, path: str) -> None:
+        """Everything a module defines travels; names that cannot travel become
+        placeholders that raise a clear error if the shipped code ever touches them."""
+        namespace = vars(module)
+        own = [n for n, v in namespace.items() if getattr(v, "__module__", None) == module.__name__
+               and isinstance(v, (types.FunctionType, type))]
+        rest = [n for n in namespace if n not in own and not (n.startswith("__") and n.endswith("__"))]
+        self._need_globals(namespace, {n: set() for n in own}, path)
+        for name in rest:
+            if name in record.entries:
+                continue
+            value = namespace[name]
+            if isinstance(value, types.ModuleType) and not self._is_server_module(value) \
+                    and not value.__name__.startswith(module.__name__ + "."):
+                self._placeholder(record, name, f"module {value.__name__!r}, which {module.__name__} "
+                                  f"imports, is not on the destination ({self._dest_name()}) and was not shipped")
+                continue
+            mark = self.checkpoint()
+            try:
+                self._need_globals(namespace, {name: set()}, path)
+            except CaptureError as exc:
+                self.rollback(mark)
+                self._placeholder(record, name, str(exc))
+
+    def _placeholder(self, record: _ModuleRecord, name: str, why: str) -> None:
+        ref = fmt.Ref(len(self.nodes))
+        self.nodes.append([fmt.UNAVAILABLE, f"{record.name}.{name}: {why}"])
+        record.entries[name] = ref
+        self.journal.append(("global", record, name))
+
+    def _dest_name(self) -> str:
+        return getattr(self.dest, "name", "destination")
+
+    # --- references to what the destination has ---
+
+    def _reference(self, obj: Any, module: str | None, qualname: str, path: str) -> fmt.Ref | None:
+        """A by-name reference when ``module.qualname`` is on the destination and is ``obj``."""
+        if not module or not self.dest.provides(module) or "<locals>" in qualname:
+            return None
+        try:
+            found = walk_qualname(sys.modules.get(module) or __import__(module, fromlist=["_"]), qualname)
+        except Exception:
+            return None
+        if found is not obj:
+            return None
+        return self._node(obj, [fmt.REFERENCE, module, qualname])
+
+    def _builtin(self, obj: Any, path: str) -> fmt.Ref:
+        owner = getattr(obj, "__self__", None)
+        if owner is None or isinstance(owner, types.ModuleType):
+            module = getattr(obj, "__module__", None) or getattr(owner, "__name__", None)
+            ref = self._reference(obj, module, obj.__qualname__, path)
+            if ref is not None:
+                return ref
+            raise CaptureError(path, _type_name(obj),
+                               f"built-in {obj.__qualname__!r} of module {module!r} is not on the destination "
+                               f"({self._dest_name()}) and has no source", "Use a function the destination provides.")
+        return self._node(obj, [fmt.ATTRIBUTE, self.value(owner, f"{path}.__self__"), obj.__name__])
+
+    # --- functions ---
+
+    def _function(self, fn: types.FunctionType, path: str) -> fmt.Ref:
+        module = fn.__module__
+        ref = self._reference(fn, module, fn.__qualname__, path)
+        if ref is not None:
+            return ref
+        if module and self.dest.provides(module):
+            raise CaptureError(path, "function",
+                               f"{fn.__qualname__!r} belongs to {module!r}, which the destination has, "
+                               "but is not reachable there by name (a lambda or closure inside it)",
+                               "Wrap the call in a function of your own module.")
+        owner = self._owning_class(fn)
+        if owner is not None:
+            return self._node(fn, [fmt.ATTRIBUTE, self.value(owner, f"{path}.<class>"), fn.__name__])
+        try:
+            segment = function_segment(fn.__code__, fn.__globals__)
+        except SourceUnavailable as exc:
+            raise CaptureError(path, "function", f"the source of {fn.__qualname__!r} cannot be found: {exc}",
+                               "Define it with `def` in a .py file, a notebook cell or a __main__ script.") from None
+        node: dict[str, Any] = {}
+        ref = self._new_node(fn, [fmt.FUNCTION, node])
+        record = self._record(fn.__globals__, path)
+        node["source"] = self._source(segment)
+        node["module"] = record.index
+        node["name"] = fn.__name__
+        node["qualname"] = fn.__qualname__
+        node["doc"] = self.value(fn.__doc__, f"{path}.__doc__")
+        node["deps"] = self._need_globals(fn.__globals__, global_names(fn.__code__), path)
+        node["closure"] = {
+            name: self._cell(cell, f"{path}.<closure {name}>")
+            for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ())
+        }
+        node["defaults"] = self.value(fn.__defaults__, f"{path}.__defaults__")
+        node["kwdefaults"] = self.value(fn.__kwdefaults__, f"{path}.__kwdefaults__")
+        node["annotations"] = self._annotations(fn.__annotations__, path)
+        node["dict"] = self.value(fn.__dict__, path) if fn.__dict__ else None
+        if fn.__module__ != record.name:
+            node["module_name"] = fn.__module__
+        return ref
+
+    def _owning_class(self, fn: types.FunctionType) -> type | None:
+        """The class ``fn`` is a method of, when the class statement recreates it."""
+        owner_name, _, name = fn.__qualname__.rpartition(".")
+        if not owner_name or owner_name.endswith("<locals>"):
+            return None
+        try:
+            owner = walk_qualname(sys.modules[fn.__module__], owner_name)
+        except (KeyError, AttributeError):
+            return None
+        if isinstance(owner, type) and getattr(owner, name, None) is fn:
+            return owner
+        return None
+
+    def _cell(self, cell: types.CellType, path: str) -> fmt.Ref:
+        ref = self.memo.get(id(cell))
+        if ref is not None:
+            return ref
+        ref = self._new_node(cell, [fmt.CELL])
+        try:
+            contents = cell.cell_contents
+        except ValueError:
+            return ref  # an empty cell: the variable was not bound yet
+        self.nodes[ref.index].append(self.value(contents, path))
+        return ref
+
+    def _annotations(self, annotations: dict, path: str) -> Any:
+        """Annotations travel as values; one that cannot travel goes as its text (PEP 563 style)."""
+        if not annotations:
+            return None
+        result = {}
+        for name, value in annotations.items():
+            mark = self.checkpoint()
+            try:
+                result[name] = self.value(value, f"{path}.__annotations__[{name!r}]")
+            except CaptureError:
+                self.rollback(mark)
+                result[name] = value if isinstance(value, str) else repr(value)
+        return self._node(annotations, [fmt.DICT, [[k, v] for k, v in result.items()]])
+
+    # --- classes ---
+
+    def _class(self, cls: type, path: str) -> fmt.Ref:
+        module = cls.__module__
+        ref = self._reference(cls, module, cls.__qualname__, path)
+        if ref is not None:
+            return ref
+        if self.dest.provides(module):
+            raise CaptureError(path, "class", f"{cls.__qualname__!r} belongs to {module!r}, which the "
+                               "destination has, but is not reachable there by name",
+                               "Define the class in a module of your own.")
+        outer_name, _, name = cls.__qualname__.rpartition(".")
+        if outer_name and not outer_name.endswith("<locals>"):
+            try:
+                outer = walk_qualname(sys.modules[module], outer_name)
+            except (KeyError, AttributeError):
+                outer = None
+            if isinstance(outer, type) and vars(outer).get(name) is cls:
+                return self._node(cls, [fmt.ATTRIBUTE, self.value(outer, f"{path}.<outer class>"), name])
+        namespace = getattr(sys.modules.get(module), "__dict__", None)
+        filename = _class_file(cls, namespace)
+        if namespace is None:
+            namespace = _class_globals(cls)
+        if filename is None or namespace is None:
+            raise CaptureError(path, "class", f"the source of class {cls.__qualname__!r} cannot be found "
+                               "(created by type() or exec, or its module is gone)",
+                               "Define the class with a `class` statement in a .py file, notebook cell or script.")
+        try:
+            segment = class_segment(cls, namespace, filename)
+        except SourceUnavailable as exc:
+            raise CaptureError(path, "class", f"the source of class {cls.__qualname__!r} cannot be found: {exc}",
+                               "Define the class with a `class` statement in a .py file, notebook cell or script.") from None
+        node: dict[str, Any] = {}
+        ref = self._new_node(cls, [fmt.CLASS, node])
+        record = self._record(namespace, path)
+        node["source"] = self._source(segment)
+        node["module"] = record.index
+        node["name"] = cls.__name__
+        node["qualname"] = cls.__qualname__
+        used = global_names(class_statement_code(segment))
+        node["deps"] = self._need_globals(namespace, used, path)
+        node["closure"] = self._class_closure(cls, used, namespace, path) if "<locals>" in cls.__qualname__ else {}
+        node["attrs"] = self._class_attributes(cls, segment, path)
+        return ref
+
+    def _class_closure(self, cls: type, used: dict, namespace: dict, path: str) -> dict:
+        """Values of the enclosing function's variables a class defined inside it uses.
+
+        Methods carry them in their closures; a variable only the class body read gets
+        None, and its effect survives through the class attributes restored afterwards.
+        """
+        cells: dict[str, Any] = {}
+        for value in vars(cls).values():
+            func = getattr(value, "__func__", value)
+            if isinstance(func, types.FunctionType) and func.__closure__:
+                for name, cell in zip(func.__code__.co_freevars, func.__closure__):
+                    if name != "__class__" and name not in cells:
+                        cells[name] = self._cell(cell, f"{path}.<closure {name}>")
+        for name in used:
+            if name not in cells and name not in namespace and not hasattr(builtins, name):
+                cells[name] = None
+        return cells
+
+    def _class_attributes(self, cls: type, segment: Segment, path: str) -> dict:
+        """Class attributes whose current value the class statement does not recreate:
+        values mutated or added after definition. Enum members come from the source."""
+        import enum
+
+        if issubclass(cls, enum.Enum):
+            return {}
+        attrs = {}
+        for name, value in vars(cls).items():
+            if (name.startswith("__") and name.endswith("__")) or name.startswith("_abc_") \
+                    or name in ("_fields", "_field_defaults"):
+                continue
+            if isinstance(value, (types.MemberDescriptorType, types.GetSetDescriptorType)) \
+                    or type(value).__name__ == "_tuplegetter":
+                continue  # made by __slots__ or namedtuple machinery when the class is built
+            if defined_by_class_statement(cls, name, value, segment):
+                continue
+            attrs[name] = self.value(value, f"{path}.{name}")
+        return attrs
+
+    # --- tensors and arrays ---
+
+    def _tensor(self, tensor: Any, path: str) -> fmt.Ref:
+        import torch
+
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            raise CaptureError(path, _type_name(tensor), "tensor subclasses carry behaviour outside the data",
+                               "Send a plain tensor (tensor.as_subclass(torch.Tensor)) or the data it wraps.")
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type == "meta":
+            raise CaptureError(path, "Tensor", f"only dense tensors with data travel (this one is "
+                               f"{tensor.layout}, device {tensor.device})", "Convert with .to_dense() or materialise it.")
+        meta = {
+            "storage": None, "dtype": arrays.dtype_name(tensor), "shape": list(tensor.shape),
+            "stride": list(tensor.stride()), "offset": tensor.storage_offset(),
+            "requires_grad": tensor.requires_grad, "parameter": isinstance(tensor, torch.nn.Parameter),
+            "device": str(tensor.device),
+        }
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.device.type, storage.nbytes())
+        ref = self._new_node(tensor, [fmt.TENSOR, meta])
+        if key not in self.storages or storage.nbytes() == 0:
+            host, view = arrays.storage_view(tensor)
+            self.storages[key] = self._frame(view, host)
+            self.journal.append(("storage", key))
+        meta["storage"] = self.storages[key]
+        self.tensors.append((meta, tensor))
+        return ref
+
+    def _compact_lone_views(self) -> None:
+        """A small view that is the only user of a big storage ships just its elements."""
+        users: dict[int, int] = {}
+        for meta, _ in self.tensors:
+            users[meta["storage"]] = users.get(meta["storage"], 0) + 1
+        for meta, tensor in self.tensors:
+            frame = self.frames[meta["storage"]]
+            needed = tensor.numel() * tensor.element_size()
+            if users[meta["storage"]] == 1 and needed * 2 <= frame.nbytes:
+                dense = tensor.detach().contiguous()
+                host, view = arrays.storage_view(dense)
+                self.frames[meta["storage"]] = view
+                self.keepalive.append(host)
+                meta["stride"], meta["offset"] = list(dense.stride()), 0
+
+    def _ndarray(self, array: Any, path: str) -> fmt.Ref:
+        if array.dtype.hasobject or array.dtype.fields is not None:
+            raise CaptureError(path, f"ndarray[{array.dtype}]", "object and structured arrays hold Python "
+                               "objects or named fields, not raw numbers", "Convert to a numeric array or a list.")
+        contiguous, view = arrays.ndarray_frame(array)
+        return self._node(array, [fmt.NDARRAY, self._frame(view, contiguous), array.dtype.str, list(array.shape)])
+
+    # --- everything else: the reduce protocol ---
+
+    def _reduce(self, obj: Any, path: str) -> fmt.Ref:
+        try:
+            reduced = obj.__reduce_ex__(4)
+        except Exception as exc:
+            raise CaptureError(path, _type_name(obj), f"it does not describe how to rebuild itself ({exc})",
+                               "Send the data it holds instead, or give its class __getstate__/__setstate__ "
+                               "or __reduce__.") from None
+        if isinstance(reduced, str):
+            module = getattr(obj, "__module__", None)
+            ref = self._reference(obj, module, reduced, path)
+            if ref is None:
+                raise CaptureError(path, _type_name(obj), f"it names itself {module}.{reduced}, which the "
+                                   f"destination ({self._dest_name()}) does not have", "Send its data instead.")
+            return ref
+        if not isinstance(reduced, tuple) or not 2 <= len(reduced) <= 6:
+            raise CaptureError(path, _type_name(obj), "its __reduce_ex__ returned an unusable value",
+                               "Fix the class's __reduce__.")
+        func, args, state, listitems, dictitems = (tuple(reduced) + (None,) * 4)[:5]
+        if func is copyreg.__newobj__ or func is copyreg.__newobj_ex__:
+            cls, new_args = args[0], args[1:]
+            kwargs = {}
+            if func is copyreg.__newobj_ex__:
+                cls, new_args, kwargs = args
+            ref = self._new_node(obj, [fmt.OBJECT, None, None, None, None, None, None])
+            node = self.nodes[ref.index]
+            node[1] = self.value(cls, f"{path}.__class__")
+            node[2] = self.value(tuple(new_args), f"{path}.<new args>")
+            node[3] = self.value(dict(kwargs), f"{path}.<new kwargs>") if kwargs else None
+        else:
+            # REDUCE and OBJECT end alike: state, listitems, dictitems.
+            ref = self._new_node(obj, [fmt.REDUCE, None, None, None, None, None])
+            node = self.nodes[ref.index]
+            node[1] = self.value(func, f"{path}.<reduce>")
+            node[2] = self.value(tuple(args), f"{path}.<reduce args>")
+        node[-3] = self._state(state, path)
+        node[-2] = self.value(list(listitems), f"{path}.<items>") if listitems is not None else None
+        node[-1] = self.value([[k, v] for k, v in dictitems], f"{path}.<items>") if dictitems is not None else None
+        return ref
+
+    def _state(self, state: Any, path: str) -> Any:
+        """Instance state, with error paths that read like attribute access."""
+        if type(state) is dict and all(type(k) is str for k in state):
+            return self._node(state, [fmt.DICT, [[k, self.value(v, f"{path}.{k}")] for k, v in state.items()]])
+        if type(state) is tuple and len(state) == 2 and all(s is None or type(s) is dict for s in state):
+            return self._node(state, [fmt.TUPLE, [self._state(s, path) if s is not None else None for s in state]])
+        return self.value(state, f"{path}.<state>")
+
+
+def _stable_order(items: Any) -> list:
+    """Set members in an order that does not depend on hash randomisation."""
+    try:
+        return sorted(items)
+    except TypeError:
+        return sorted(items, key=lambda v: (type(v).__qualname__, repr(v)))
+
+
+def _type_name(obj: Any) -> str:
+    kind = type(obj)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _has_source(module: types.ModuleType) -> bool:
+    file = getattr(module, "__file__", None) or ""
+    return file.endswith(".py")
+
+
+def _class_file(cls: type, namespace: dict | None) -> str | None:
+    """Where the class statement lives: a method's file is exact (notebook cells included)."""
+    file = (namespace or {}).get("__file__")
+    if isinstance(file, str) and file.endswith(".py"):
+        return file
+    for value in vars(cls).values():
+        func = getattr(value, "__func__", None) or getattr(value, "fget", None) or value
+        if isinstance(func, types.FunctionType) and func.__qualname__.startswith(cls.__qualname__ + ".") \
+                and func.__code__.co_filename != "<string>":
+            return func.__code__.co_filename
+    return None
+
+
+def _class_globals(cls: type) -> dict | None:
+    for value in vars(cls).values():
+        func = getattr(value, "__func__", None) or getattr(value, "fget", None) or value
+        if isinstance(func, types.FunctionType):
+            return func.__globals__
+    return None
