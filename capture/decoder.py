@@ -7,6 +7,7 @@ their contents are built, so shared references and cycles come back as they were
 """
 from __future__ import annotations
 
+import sys
 import types
 from typing import Any, Callable, Sequence
 
@@ -59,14 +60,25 @@ class Decoder:
         self.storages: dict[int, Any] = {}
         self.ready: set[int] = set()
         self._builtins: dict | None = None
+        self.registered: list[str] = []
+        self.class_attributes: list[tuple[type, dict]] = []
 
     # --- entry ---
 
     def root(self) -> Any:
-        value = self.value(self.header["root"])
-        for number in list(self.modules):
-            self._complete_namespace(number)
-        return value
+        try:
+            value = self.value(self.header["root"])
+            for number in list(self.modules):
+                self._complete_namespace(number)
+            # Last, so that what class statements did on load (a registry that
+            # __init_subclass__ appends to) ends as it was captured, not doubled.
+            for cls, attrs in self.class_attributes:
+                for name, encoded in attrs.items():
+                    setattr(cls, name, self.value(encoded))
+            return value
+        finally:
+            for name in self.registered:
+                sys.modules.pop(name, None)
 
     def value(self, encoded: Any) -> Any:
         if isinstance(encoded, fmt.Ref):
@@ -193,6 +205,11 @@ class Decoder:
             module.__package__ = record.get("package")
             module.__builtins__ = self._builtins
             self.modules[number] = module
+            if module.__name__ not in sys.modules:
+                # Only while loading: class machinery (dataclasses, typing) looks the
+                # defining module up by name. A real module of that name is never shadowed.
+                sys.modules[module.__name__] = module
+                self.registered.append(module.__name__)
         return module.__dict__
 
     def ensure_global(self, number: int, name: str) -> None:
@@ -200,13 +217,22 @@ class Decoder:
         if name in namespace:
             return
         entries = _expect(self.header["modules"][number].get("globals"), dict, "module globals")
-        if name in entries:
-            namespace[name] = self.value(entries[name])
+        if name not in entries:
+            return
+        entry = entries[name]
+        if isinstance(entry, fmt.Ref) and 0 <= entry.index < len(self.nodes) \
+                and self.state[entry.index] == 1 and self.built[entry.index] is _MISSING:
+            return  # a class whose statement is running now names itself; bound once it exists
+        namespace[name] = self.value(entry)
 
     def _complete_namespace(self, number: int) -> None:
         entries = _expect(self.header["modules"][number].get("globals"), dict, "module globals")
         for name in entries:
             self.ensure_global(number, _expect(name, str, "global name"))
+
+    def _prepare_ref(self, encoded: Any) -> None:
+        if isinstance(encoded, fmt.Ref):
+            self.prepare(encoded.index)
 
     def prepare(self, index: int) -> None:
         """Make the globals a function or class needs present before code runs at load
@@ -220,9 +246,7 @@ class Decoder:
         fields = _expect(node[1], dict, "definition")
         for name in _expect(fields.get("deps", []), list, "dependencies"):
             self.ensure_global(fields["module"], name)
-            entry = self.header["modules"][fields["module"]]["globals"].get(name)
-            if isinstance(entry, fmt.Ref):
-                self.prepare(entry.index)
+            self._prepare_ref(self.header["modules"][fields["module"]]["globals"].get(name))
 
     # --- code ---
 
@@ -307,8 +331,7 @@ class Decoder:
             cls = scope[_expect(spec["name"], str, "class name")]
         self._register(index, cls)
         cls.__qualname__ = _expect(spec["qualname"], str, "qualified name")
-        for name, encoded in _expect(spec.get("attrs", {}), dict, "class attributes").items():
-            setattr(cls, name, self.value(encoded))
+        self.class_attributes.append((cls, _expect(spec.get("attrs", {}), dict, "class attributes")))
         return cls
 
     def _getattr(self, index: int, fields: list) -> Any:
@@ -336,6 +359,7 @@ class Decoder:
 
     def _object(self, index: int, fields: list) -> Any:
         cls = self.value(fields[0])
+        self._prepare_ref(fields[0])  # __new__ and __setstate__ may be shipped code
         if not isinstance(cls, type):
             raise BundleError(f"malformed bundle: an object's class is a {type(cls).__name__}")
         args = self.value(fields[1]) or ()
@@ -345,6 +369,7 @@ class Decoder:
 
     def _reduce(self, index: int, fields: list) -> Any:
         func = self.value(fields[0])
+        self._prepare_ref(fields[0])
         if not callable(func):
             raise BundleError("malformed bundle: a reduce node's constructor is not callable")
         obj = self._register(index, func(*(self.value(fields[1]) or ())))

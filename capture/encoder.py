@@ -515,7 +515,13 @@ class Encoder:
                 outer = None
             if isinstance(outer, type) and vars(outer).get(name) is cls:
                 return self._node(cls, [fmt.ATTRIBUTE, self.value(outer, f"{path}.<outer class>"), name])
-        namespace = getattr(sys.modules.get(module), "__dict__", None)
+        home = sys.modules.get(module)
+        if home is not None and _is_compiled(home):
+            raise CaptureError(path, "class", f"{cls.__qualname__!r} comes from {module!r}, which the destination "
+                               f"({self._dest_name()}) does not have and which has no Python source "
+                               "(a C extension)", f"Use only what the destination provides, or ask for {module!r} "
+                               "to be installed on the server (and add it to your policy).")
+        namespace = getattr(home, "__dict__", None)
         filename = _class_file(cls, namespace)
         if namespace is None:
             namespace = _class_globals(cls)
@@ -574,10 +580,16 @@ class Encoder:
             if isinstance(value, (types.MemberDescriptorType, types.GetSetDescriptorType)) \
                     or type(value).__name__ == "_tuplegetter":
                 continue  # made by __slots__ or namedtuple machinery when the class is built
-            if defined_by_class_statement(cls, name, value, segment):
+            if defined_by_class_statement(cls, name, value, segment) or self._made_by_server_machinery(value):
                 continue
             attrs[name] = self.value(value, f"{path}.{name}")
         return attrs
+
+    def _made_by_server_machinery(self, value: Any) -> bool:
+        """Methods that library code (namedtuple, enum, ...) adds while the class statement
+        runs: running the statement on the destination adds them again."""
+        func = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+        return isinstance(func, types.FunctionType) and bool(func.__module__) and self.dest.provides(func.__module__)
 
     # --- tensors and arrays ---
 
@@ -690,6 +702,16 @@ def _stable_order(items: Any) -> list:
 def _type_name(obj: Any) -> str:
     kind = type(obj)
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _is_compiled(module: types.ModuleType) -> bool:
+    """A C extension or built-in module: nothing of it can travel as source."""
+    import importlib.machinery
+
+    file = getattr(module, "__file__", None)
+    if file is None:
+        return module.__name__ in sys.builtin_module_names
+    return file.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 
 
 def _has_source(module: types.ModuleType) -> bool:
