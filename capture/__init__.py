@@ -12,38 +12,42 @@ large buffers separately (the runner puts them in shared memory).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Container, MutableMapping, Sequence
 
 from . import format as _format
 from .decoder import Decoder, Unavailable
 from .destination import DEFAULT, DefaultDestination, Destination
 from .encoder import Bundle, Encoder
-from .errors import BundleError, CaptureError
+from .errors import BundleError, CaptureError, MissingSources
 from .source import compile_segment
 
 __all__ = [
     "dumps", "loads", "encode", "encode_variables", "decode", "Bundle", "CaptureError", "BundleError",
+    "MissingSources",
     "Destination", "DefaultDestination", "DEFAULT", "Unavailable", "compile_cache_info",
 ]
 
 
 def encode(obj: Any, *, policy: Any = None, persistent_id: Callable[[Any], str | None] | None = None,
-           label: str = "obj") -> Bundle:
+           known_sources: Container[str] = (), label: str = "obj") -> Bundle:
     """Encode ``obj`` into a :class:`Bundle` (header + frames that view the original memory).
 
     ``policy`` says what the destination has (default: the stdlib, torch, numpy,
     transformers, einops). ``persistent_id(obj)`` may return a token for objects the
-    receiver supplies itself; ``label`` starts the paths named in a :class:`CaptureError`.
+    receiver supplies itself. Source segments whose digest is in ``known_sources`` are
+    sent by digest only (the receiver has them; see ``decode(source_store=...)``).
+    ``label`` starts the paths named in a :class:`CaptureError`.
     """
-    encoder = Encoder(policy, persistent_id)
+    encoder = Encoder(policy, persistent_id, known_sources)
     return encoder.bundle(encoder.value(obj, label))
 
 
 def encode_variables(variables: dict[str, Any], *, policy: Any = None,
-                     persistent_id: Callable[[Any], str | None] | None = None) -> Bundle:
+                     persistent_id: Callable[[Any], str | None] | None = None,
+                     known_sources: Container[str] = ()) -> Bundle:
     """Encode a dict of named values (a call's ``fn``/``args``/``kwargs``, a trace's
     variables); error paths start at the names: ``args[0].config['db']``."""
-    encoder = Encoder(policy, persistent_id)
+    encoder = Encoder(policy, persistent_id, known_sources)
     return encoder.bundle(encoder.variables(variables))
 
 
@@ -52,36 +56,45 @@ def dumps(obj: Any, *, policy: Any = None) -> bytes:
     return encode(obj, policy=policy).to_bytes()
 
 
-def decode(header: bytes | memoryview, frames: Sequence[memoryview], *, policy: Any = None,
-           persistent_load: Callable[[str], Any] | None = None, device: str | None = None) -> Any:
+def decode(header: bytes | memoryview, frames: Sequence[Any], *, policy: Any = None,
+           persistent_load: Callable[[str], Any] | None = None, device: str | None = None,
+           source_store: MutableMapping[str, str] | None = None) -> Any:
     """Rebuild the object of a bundle given as header bytes and frames.
 
     Writable frames (shared memory) become the tensors' memory without a copy; read-only
     ones are copied once. ``device`` overrides where tensors go (default: where they were,
-    if that device exists here, else the CPU). Raises :class:`BundleError`; imports the
-    policy refuses raise its ``ImportError``.
+    if that device exists here, else the CPU). ``source_store`` (digest -> text) is where
+    a long-lived receiver remembers sources; segments sent by digest only are read from
+    it, and :class:`MissingSources` lists those it lacks. Raises :class:`BundleError`;
+    imports the policy refuses raise its ``ImportError``.
     """
     parsed, _ = _format.unpack_header(header)
-    return _decode(parsed, [memoryview(f).cast("B") if memoryview(f).format != "B" else memoryview(f) for f in frames],
-                   policy, persistent_load, device)
+    return _decode(parsed, [_bytes_view(f) for f in frames], policy, persistent_load, device, source_store)
 
 
 def loads(data: bytes | bytearray | memoryview, *, policy: Any = None,
-          persistent_load: Callable[[str], Any] | None = None, device: str | None = None) -> Any:
+          persistent_load: Callable[[str], Any] | None = None, device: str | None = None,
+          source_store: MutableMapping[str, str] | None = None) -> Any:
     """Rebuild the object in bundle bytes, like ``pickle.loads``; raises :class:`BundleError`."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BundleError(f"loads expects bytes, not {type(data).__name__}")
-    view = memoryview(data).cast("B") if memoryview(data).format != "B" else memoryview(data)
+    view = _bytes_view(data)
     header, start = _format.unpack_header(view)
     frames = _format.split_frames(view, start, header["frames"])
-    return _decode(header, frames, policy, persistent_load, device)
+    return _decode(header, frames, policy, persistent_load, device, source_store)
 
 
-def _decode(header: dict, frames: list, policy: Any, persistent_load: Any, device: str | None) -> Any:
+def _bytes_view(buffer: Any) -> memoryview:
+    view = memoryview(buffer)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _decode(header: dict, frames: list, policy: Any, persistent_load: Any, device: str | None,
+            source_store: MutableMapping[str, str] | None) -> Any:
     if len(frames) != len(header["frames"]):
         raise BundleError(f"the bundle lists {len(header['frames'])} frames but {len(frames)} came with it")
     try:
-        return Decoder(header, frames, policy, persistent_load, device).root()
+        return Decoder(header, frames, policy, persistent_load, device, source_store).root()
     except RecursionError:
         raise BundleError("the bundle nests too deeply to rebuild") from None
 

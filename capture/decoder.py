@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, MutableMapping, Sequence
 
 from . import arrays, format as fmt
 from .destination import DEFAULT
-from .errors import BundleError
+from .errors import BundleError, MissingSources
 from .source import CLOSURE_WRAPPER, Segment, code_of, compile_segment, register_lines
 
 _MISSING = object()
@@ -47,13 +47,16 @@ def _expect(value: Any, kind: type, what: str) -> Any:
 
 class Decoder:
     def __init__(self, header: dict, frames: Sequence[memoryview], destination: Any = None,
-                 persistent_load: Callable[[str], Any] | None = None, device: str | None = None):
+                 persistent_load: Callable[[str], Any] | None = None, device: str | None = None,
+                 source_store: MutableMapping[str, str] | None = None):
         self.header = header
         self.frames = frames
         self.dest = destination if destination is not None else DEFAULT
         self.persistent_load = persistent_load
         self.device = device
         self.nodes: list = header["nodes"]
+        self.segments = read_segments(header["sources"], source_store)
+        self.registered_lines: set[int] = set()
         self.built: list[Any] = [_MISSING] * len(self.nodes)
         self.state: list[int] = [0] * len(self.nodes)  # 0 new, 1 building, 2 built
         self.modules: dict[int, types.ModuleType] = {}
@@ -252,21 +255,14 @@ class Decoder:
 
     def segment(self, number: Any) -> Segment:
         _expect(number, int, "source number")
-        sources = self.header["sources"]
-        if not 0 <= number < len(sources):
-            raise BundleError(f"malformed bundle: source {number} of {len(sources)}")
-        s = _expect(sources[number], dict, "source")
-        kind = s.get("kind")
-        if kind not in ("def", "class", "lambda"):
-            raise BundleError(f"malformed bundle: source kind {kind!r}")
-        line, col = _expect(s.get("line"), int, "source line"), _expect(s.get("col"), int, "source column")
-        if not 1 <= line <= 10_000_000 or not 0 <= col <= 100_000:
-            raise BundleError(f"malformed bundle: source position {line}:{col}")
-        segment = Segment(_expect(s.get("file"), str, "source file"), line, col, kind,
-                          _expect(s.get("text"), str, "source text"),
-                          tuple(_expect(f, str, "future name") for f in _expect(s.get("futures"), list, "futures")))
-        register_lines(segment)
+        if not 0 <= number < len(self.segments):
+            raise BundleError(f"malformed bundle: source {number} of {len(self.segments)}")
+        segment = self.segments[number]
+        if number not in self.registered_lines:
+            register_lines(segment)
+            self.registered_lines.add(number)
         return segment
+
 
     def _function(self, index: int, fields: list) -> types.FunctionType:
         spec = _expect(fields[0], dict, "function")
@@ -413,3 +409,34 @@ class Decoder:
     def _ndarray(self, index: int, fields: list) -> Any:
         return arrays.ndarray_from_frame(self._frame(fields[0]), _expect(fields[1], str, "array dtype"),
                                          _expect(fields[2], list, "array shape"))
+
+
+def read_segments(sources: list, store: MutableMapping[str, str] | None) -> list[Segment]:
+    """The source table as segments. Entries without text are looked up in ``store``
+    (a worker's memory of what it was sent before); every missing one is reported at once."""
+    segments, missing = [], []
+    for s in sources:
+        _expect(s, dict, "source")
+        kind = s.get("kind")
+        if kind not in ("def", "class", "lambda"):
+            raise BundleError(f"malformed bundle: source kind {kind!r}")
+        line, col = _expect(s.get("line"), int, "source line"), _expect(s.get("col"), int, "source column")
+        if not 1 <= line <= 10_000_000 or not 0 <= col <= 100_000:
+            raise BundleError(f"malformed bundle: source position {line}:{col}")
+        digest = _expect(s.get("digest"), str, "source digest")
+        text = s.get("text")
+        if text is None:
+            text = store.get(digest) if store is not None else None
+            if text is None:
+                missing.append(digest)
+                continue
+        segment = Segment(_expect(s.get("file"), str, "source file"), line, col, kind, _expect(text, str, "source text"),
+                          tuple(_expect(f, str, "future name") for f in _expect(s.get("futures"), list, "futures")))
+        if segment.digest != digest:
+            raise BundleError(f"source at {segment.file}:{line} does not match its digest")
+        if store is not None:
+            store[digest] = segment.text
+        segments.append(segment)
+    if missing:
+        raise MissingSources(missing)
+    return segments

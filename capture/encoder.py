@@ -13,7 +13,7 @@ import platform
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Container
 
 from . import arrays, format as fmt
 from .destination import DEFAULT, walk_qualname
@@ -44,6 +44,8 @@ class Bundle:
     header: bytes
     frames: list[memoryview]
     keepalive: list = field(default_factory=list, repr=False)
+    #: Content digests of the source segments, for receivers that keep a source store.
+    source_digests: list[str] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         return fmt.join(self.header, self.frames)
@@ -108,8 +110,10 @@ def _refusal(obj: Any) -> tuple[str, str] | None:
 
 
 class Encoder:
-    def __init__(self, destination: Any = None, persistent_id: Callable[[Any], str | None] | None = None):
+    def __init__(self, destination: Any = None, persistent_id: Callable[[Any], str | None] | None = None,
+                 known_sources: Container[str] = ()):
         self.dest = destination if destination is not None else DEFAULT
+        self.known_sources = known_sources
         self.persistent_id = persistent_id
         self.nodes: list[Any] = []
         self.memo: dict[int, fmt.Ref] = {}
@@ -143,7 +147,8 @@ class Encoder:
             ],
             "frames": fmt.frame_table(self.frames),
         }
-        return Bundle(fmt.pack_header(header), self.frames, self.keepalive)
+        return Bundle(fmt.pack_header(header), self.frames, self.keepalive,
+                      [entry["digest"] for entry in self.sources])
 
     def variables(self, mapping: dict[str, Any]) -> fmt.Ref:
         """A dict of named values whose error paths start at the names themselves."""
@@ -269,8 +274,11 @@ class Encoder:
         index = self.source_index.get(segment)
         if index is None:
             index = len(self.sources)
-            self.sources.append({"file": segment.file, "line": segment.line, "col": segment.col,
-                                 "kind": segment.kind, "text": segment.text, "futures": list(segment.futures)})
+            entry = {"file": segment.file, "line": segment.line, "col": segment.col, "kind": segment.kind,
+                     "futures": list(segment.futures), "digest": segment.digest}
+            if segment.digest not in self.known_sources:
+                entry["text"] = segment.text
+            self.sources.append(entry)
             self.source_index[segment] = index
         return index
 

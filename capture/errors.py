@@ -20,3 +20,12 @@ class BundleError(ValueError):
     """Bytes that are not a bundle this reader can rebuild (raised by ``loads``/``decode``):
     malformed, truncated, hostile, of an unknown format version, or whose shipped code
     fails to rebuild on this interpreter."""
+
+
+class MissingSources(BundleError):
+    """The bundle names source segments by digest only, and the receiver's store lacks
+    ``digests``: the sender should send the bundle again with the text included."""
+
+    def __init__(self, digests: list[str]):
+        self.digests = digests
+        super().__init__(f"{len(digests)} source segment(s) were sent by digest only and are not known here")

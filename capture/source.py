@@ -42,7 +42,7 @@ class Segment:
     @property
     def digest(self) -> str:
         key = f"{self.kind}\0{self.file}\0{self.line}\0{self.col}\0{','.join(self.futures)}\0{self.text}"
-        return hashlib.sha256(key.encode()).hexdigest()
+        return hashlib.sha256(key.encode()).hexdigest()[:32]  # 128 bits: a content key, not a signature
 
 
 class SourceUnavailable(Exception):
