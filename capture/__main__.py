@@ -13,7 +13,7 @@ def describe(data: bytes) -> str:
     header, start = fmt.unpack_header(data)
     lines = [
         f"{fmt.FORMAT_NAME} v{header['version']}: made by Python {header['python']} for policy {header['policy']!r}",
-        f"size: {len(data)} bytes (header {start} incl. padding, frames {len(data) - start})",
+        f"size: {len(data)} bytes (header {min(start, len(data))} incl. padding, frames {max(len(data) - start, 0)})",
     ]
     sources = header["sources"]
     lines.append(f"modules ({len(header['modules'])}):")

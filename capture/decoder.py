@@ -65,14 +65,19 @@ class Decoder:
         self._builtins: dict | None = None
         self.registered: list[str] = []
         self.class_attributes: list[tuple[type, dict]] = []
+        self.pending: dict[int, list[Callable[[Any], None]]] = {}
+        self.importable: dict[str, types.ModuleType] = {}
 
     # --- entry ---
 
     def root(self) -> Any:
         try:
             value = self.value(self.header["root"])
-            for number in list(self.modules):
-                self._complete_namespace(number)
+            completed: set[int] = set()
+            while len(completed) < len(self.modules):  # completing one can reach new modules
+                for number in [n for n in self.modules if n not in completed]:
+                    self._complete_namespace(number)
+                    completed.add(number)
             # Last, so that what class statements did on load (a registry that
             # __init_subclass__ appends to) ends as it was captured, not doubled.
             for cls, attrs in self.class_attributes:
@@ -99,7 +104,7 @@ class Decoder:
             raise BundleError(f"malformed bundle: node {index} refers to itself before it can exist "
                               "(a cycle through a tuple, frozenset or class statement)")
         node = self.nodes[index]
-        if not isinstance(node, list) or not node or node[0] not in fmt.TAGS:
+        if not isinstance(node, list) or not node or not isinstance(node[0], str) or node[0] not in fmt.TAGS:
             raise BundleError(f"malformed bundle: node {index} is not a known node")
         self.state[index] = 1
         try:
@@ -110,6 +115,8 @@ class Decoder:
             raise BundleError(f"cannot rebuild node {index} ({node[0]}): {type(exc).__name__}: {exc}") from exc
         self.built[index] = obj
         self.state[index] = 2
+        for fill in self.pending.pop(index, ()):
+            fill(obj)
         return obj
 
     def _register(self, index: int, obj: Any) -> Any:
@@ -121,8 +128,17 @@ class Decoder:
 
     def _list(self, index: int, fields: list) -> list:
         result = self._register(index, [])
-        result.extend(self.value(v) for v in _expect(fields[0], list, "list items"))
+        for position, item in enumerate(_expect(fields[0], list, "list items")):
+            result.append(self._value_or_later(item, lambda obj, p=position: result.__setitem__(p, obj)))
         return result
+
+    def _value_or_later(self, encoded: Any, fill: Callable[[Any], None]) -> Any:
+        """The value, or None for now when it is a tuple still being built around this
+        container (a cycle through a tuple); ``fill`` puts it in place once it exists."""
+        if self._unfinished(encoded):
+            self.pending.setdefault(encoded.index, []).append(fill)
+            return None
+        return self.value(encoded)
 
     def _tuple(self, index: int, fields: list) -> tuple:
         return tuple(self.value(v) for v in _expect(fields[0], list, "tuple items"))
@@ -133,7 +149,8 @@ class Decoder:
             _expect(pair, list, "dict item")
             if len(pair) != 2:
                 raise BundleError("malformed bundle: a dict item is not a key/value pair")
-            result[self.value(pair[0])] = self.value(pair[1])
+            key = self.value(pair[0])
+            result[key] = self._value_or_later(pair[1], lambda obj, k=key: result.__setitem__(k, obj))
         return result
 
     def _set(self, index: int, fields: list) -> set:
@@ -202,7 +219,7 @@ class Decoder:
         if module is None:
             record = _expect(records[number], dict, "module record")
             if self._builtins is None:
-                self._builtins = self.dest.builtins()
+                self._builtins = _with_shipped_imports(self.dest.builtins(), self.importable)
             module = types.ModuleType(_expect(record.get("name"), str, "module name"))
             module.__file__ = record.get("file")
             module.__package__ = record.get("package")
@@ -223,8 +240,7 @@ class Decoder:
         if name not in entries:
             return
         entry = entries[name]
-        if isinstance(entry, fmt.Ref) and 0 <= entry.index < len(self.nodes) \
-                and self.state[entry.index] == 1 and self.built[entry.index] is _MISSING:
+        if self._unfinished(entry):
             return  # a class whose statement is running now names itself; bound once it exists
         namespace[name] = self.value(entry)
 
@@ -288,6 +304,8 @@ class Decoder:
         annotations = self.value(spec.get("annotations"))
         if annotations:
             fn.__annotations__ = annotations
+        for name, module in _expect(spec.get("imports", {}), dict, "imports").items():
+            self.importable[_expect(name, str, "module name")] = self.value(module)
         attributes = self.value(spec.get("dict"))
         if attributes:
             fn.__dict__.update(attributes)
@@ -303,9 +321,13 @@ class Decoder:
 
     def _cell(self, index: int, fields: list) -> types.CellType:
         cell = self._register(index, types.CellType())
-        if fields:
-            cell.cell_contents = self.value(fields[0])
+        if fields:  # a function whose closure holds itself is filled in once it exists
+            cell.cell_contents = self._value_or_later(fields[0], lambda obj: setattr(cell, "cell_contents", obj))
         return cell
+
+    def _unfinished(self, encoded: Any) -> bool:
+        return (isinstance(encoded, fmt.Ref) and 0 <= encoded.index < len(self.nodes)
+                and self.state[encoded.index] == 1 and self.built[encoded.index] is _MISSING)
 
     def _class(self, index: int, fields: list) -> type:
         spec = _expect(fields[0], dict, "class")
@@ -328,6 +350,14 @@ class Decoder:
         self._register(index, cls)
         cls.__qualname__ = _expect(spec["qualname"], str, "qualified name")
         self.class_attributes.append((cls, _expect(spec.get("attrs", {}), dict, "class attributes")))
+        return cls
+
+    def _namedtuple(self, index: int, fields: list) -> type:
+        typename, names, defaults, module, qualname = fields
+        namedtuple = self.dest.resolve("collections", "namedtuple")
+        cls = namedtuple(_expect(typename, str, "namedtuple name"), _expect(names, list, "namedtuple fields"),
+                         defaults=self.value(defaults) or None, module=_expect(module, str, "namedtuple module"))
+        cls.__qualname__ = _expect(qualname, str, "qualified name")
         return cls
 
     def _getattr(self, index: int, fields: list) -> Any:
@@ -411,6 +441,23 @@ class Decoder:
                                          _expect(fields[2], list, "array shape"))
 
 
+def _with_shipped_imports(builtins: dict, shipped: dict[str, types.ModuleType]) -> dict:
+    """The policy's builtins, with relative imports between shipped modules answered from
+    the bundle (those modules exist nowhere else); every other import meets the policy."""
+    policy_import = builtins["__import__"]
+
+    def __import__(name, globals=None, locals=None, fromlist=(), level=0):
+        if level > 0 and globals is not None:
+            package = globals.get("__package__") or ""
+            base = package.rsplit(".", level - 1)[0] if level > 1 else package
+            module = shipped.get(f"{base}.{name}" if name else base)
+            if module is not None:
+                return module
+        return policy_import(name, globals, locals, fromlist, level)
+
+    return {**builtins, "__import__": __import__}
+
+
 def read_segments(sources: list, store: MutableMapping[str, str] | None) -> list[Segment]:
     """The source table as segments. Entries without text are looked up in ``store``
     (a worker's memory of what it was sent before); every missing one is reported at once."""
@@ -431,7 +478,8 @@ def read_segments(sources: list, store: MutableMapping[str, str] | None) -> list
                 missing.append(digest)
                 continue
         segment = Segment(_expect(s.get("file"), str, "source file"), line, col, kind, _expect(text, str, "source text"),
-                          tuple(_expect(f, str, "future name") for f in _expect(s.get("futures"), list, "futures")))
+                          tuple(_expect(f, str, "future name") for f in _expect(s.get("futures"), list, "futures")),
+                          _expect(s.get("end_col", 0), int, "source end column"))
         if segment.digest != digest:
             raise BundleError(f"source at {segment.file}:{line} does not match its digest")
         if store is not None:

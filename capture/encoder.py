@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import copyreg
 import functools
+import importlib.util
 import platform
 import sys
 import types
@@ -20,13 +21,13 @@ from .destination import DEFAULT, walk_qualname
 from .errors import CaptureError
 from .source import (
     Segment, SourceUnavailable, class_segment, class_statement_code, defined_by_class_statement,
-    function_segment, global_names,
+    function_segment, global_names, relative_imports,
 )
 
 #: bytes values longer than this travel as frames, outside the msgpack body.
 BYTES_FRAME_THRESHOLD = 64 * 1024
 _INT_RANGE = (-(2 ** 63), 2 ** 64 - 1)
-_MAX_DEPTH = 400
+_MAX_DEPTH = 200
 _SCALARS = (type(None), bool, float, str)
 #: Set on every shipped namespace when it is created on the receiving side.
 _NAMESPACE_DUNDERS = frozenset({"__name__", "__file__", "__package__", "__builtins__", "__spec__",
@@ -126,7 +127,6 @@ class Encoder:
         self.storages: dict[tuple, int] = {}
         self.tensors: list[tuple[list, Any]] = []
         self.journal: list[tuple] = []
-        self.open_tuples: set[int] = set()
         self.depth = 0
 
     # --- entry points ---
@@ -190,16 +190,9 @@ class Encoder:
             self.nodes[ref.index][1] = [self.value(v, f"{path}[{i}]") for i, v in enumerate(obj)]
             return ref
         if kind is tuple:
-            if id(obj) in self.open_tuples:
-                raise CaptureError(path, "tuple", "this tuple contains itself through other objects, and a "
-                                   "tuple must be complete before anything can refer to it",
-                                   "Make one link of the cycle a list.")
-            self.open_tuples.add(id(obj))
-            try:
-                items = [self.value(v, f"{path}[{i}]") for i, v in enumerate(obj)]
-            finally:
-                self.open_tuples.discard(id(obj))
-            return self._node(obj, [fmt.TUPLE, items])
+            items = [self.value(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+            # A tuple reached again through a list inside it was encoded by that inner visit.
+            return self.memo.get(id(obj)) or self._node(obj, [fmt.TUPLE, items])
         if kind is dict:
             ref = self._new_node(obj, [fmt.DICT, None])
             self.nodes[ref.index][1] = [
@@ -276,6 +269,8 @@ class Encoder:
             index = len(self.sources)
             entry = {"file": segment.file, "line": segment.line, "col": segment.col, "kind": segment.kind,
                      "futures": list(segment.futures), "digest": segment.digest}
+            if segment.kind == "lambda":
+                entry["end_col"] = segment.end_col
             if segment.digest not in self.known_sources:
                 entry["text"] = segment.text
             self.sources.append(entry)
@@ -328,8 +323,7 @@ class Encoder:
             value = namespace[name]
             where = f"{record.name}.{name}"
             if name not in record.entries:
-                record.entries[name] = None  # claimed: recursion back to this name stops here
-                self.journal.append(("global", record, name))
+                self._set_entry(record, name, None)  # claimed: recursion back to this name stops here
                 if isinstance(value, types.ModuleType) and not self._is_server_module(value):
                     record.entries[name] = self._module(value, where, full=False)
                 else:
@@ -374,13 +368,17 @@ class Encoder:
         rest = [n for n in namespace if n not in own and not (n.startswith("__") and n.endswith("__"))]
         self._need_globals(namespace, {n: set() for n in own}, path)
         for name in rest:
-            if name in record.entries:
-                continue
             value = namespace[name]
-            if isinstance(value, types.ModuleType) and not self._is_server_module(value) \
-                    and not value.__name__.startswith(module.__name__ + "."):
-                self._placeholder(record, name, f"module {value.__name__!r}, which {module.__name__} "
-                                  f"imports, is not on the destination ({self._dest_name()}) and was not shipped")
+            if isinstance(value, types.ModuleType) and not self._is_server_module(value):
+                if value.__name__.startswith(module.__name__ + "."):  # a package ships its submodules whole
+                    ref = self._module(value, f"{path}.{name}", full=True)
+                    if name not in record.entries:
+                        self._set_entry(record, name, ref)
+                elif name not in record.entries:
+                    self._placeholder(record, name, f"module {value.__name__!r}, which {module.__name__} imports, "
+                                      f"is not on the destination ({self._dest_name()}) and was not shipped")
+                continue
+            if name in record.entries:
                 continue
             mark = self.checkpoint()
             try:
@@ -392,7 +390,10 @@ class Encoder:
     def _placeholder(self, record: _ModuleRecord, name: str, why: str) -> None:
         ref = fmt.Ref(len(self.nodes))
         self.nodes.append([fmt.UNAVAILABLE, f"{record.name}.{name}: {why}"])
-        record.entries[name] = ref
+        self._set_entry(record, name, ref)
+
+    def _set_entry(self, record: _ModuleRecord, name: str, value: Any) -> None:
+        record.entries[name] = value
         self.journal.append(("global", record, name))
 
     def _dest_name(self) -> str:
@@ -453,6 +454,9 @@ class Encoder:
         node["qualname"] = fn.__qualname__
         node["doc"] = self.value(fn.__doc__, f"{path}.__doc__")
         node["deps"] = self._need_globals(fn.__globals__, global_names(fn.__code__), path)
+        imports = self._relative_imports(fn, path)
+        if imports:
+            node["imports"] = imports
         node["closure"] = {
             name: self._cell(cell, f"{path}.<closure {name}>")
             for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ())
@@ -464,6 +468,32 @@ class Encoder:
         if fn.__module__ != record.name:
             node["module_name"] = fn.__module__
         return ref
+
+    def _relative_imports(self, fn: types.FunctionType, path: str) -> dict[str, fmt.Ref]:
+        """Sibling modules that ``from .x import y`` inside ``fn`` reaches when called: they
+        travel with it (what they export by those names), since a package travels whole or
+        not at all as far as the destination can tell."""
+        package = fn.__globals__.get("__package__") or ""
+        modules = {}
+        for level, name, names in relative_imports(fn.__code__):
+            try:
+                target = importlib.util.resolve_name("." * level + name, package)
+            except (ImportError, ValueError):
+                continue
+            module = sys.modules.get(target)
+            if module is None or self._is_server_module(module):
+                continue
+            record = self._record(vars(module), path)
+            for attr in names:
+                value = vars(module).get(attr)
+                if isinstance(value, types.ModuleType) and not self._is_server_module(value):
+                    ref = self._module(value, f"{path}.<import {target}.{attr}>", full=True)
+                    if attr not in record.entries:
+                        self._set_entry(record, attr, ref)
+                elif attr != "*":
+                    self._need_globals(vars(module), {attr: set()}, f"{path}.<import {target}>")
+            modules[target] = self._module(module, f"{path}.<import {target}>", full="*" in names)
+        return modules
 
     def _owning_class(self, fn: types.FunctionType) -> type | None:
         """The class ``fn`` is a method of, when the class statement recreates it."""
@@ -509,8 +539,12 @@ class Encoder:
     def _class(self, cls: type, path: str) -> fmt.Ref:
         module = cls.__module__
         ref = self._reference(cls, module, cls.__qualname__, path)
+        if ref is None and module == "builtins":  # NoneType, EllipsisType, ... are named in `types`
+            ref = self._reference(cls, "types", cls.__name__, path)
         if ref is not None:
             return ref
+        if _is_namedtuple_class(cls):
+            return self._namedtuple_class(cls, path)
         if self.dest.provides(module):
             raise CaptureError(path, "class", f"{cls.__qualname__!r} belongs to {module!r}, which the "
                                "destination has, but is not reachable there by name",
@@ -553,6 +587,15 @@ class Encoder:
         node["deps"] = self._need_globals(namespace, used, path)
         node["closure"] = self._class_closure(cls, used, namespace, path) if "<locals>" in cls.__qualname__ else {}
         node["attrs"] = self._class_attributes(cls, segment, path)
+        return ref
+
+    def _namedtuple_class(self, cls: type, path: str) -> fmt.Ref:
+        """A class made by ``collections.namedtuple`` has no class statement: it travels as
+        the call that makes it (its methods are the library's)."""
+        defaults = cls._field_defaults
+        node = [fmt.NAMEDTUPLE, cls.__name__, list(cls._fields), None, cls.__module__, cls.__qualname__]
+        ref = self._new_node(cls, node)
+        node[3] = self.value(tuple(defaults[f] for f in cls._fields if f in defaults), f"{path}._field_defaults")
         return ref
 
     def _class_closure(self, cls: type, used: dict, namespace: dict, path: str) -> dict:
@@ -601,9 +644,15 @@ class Encoder:
 
     # --- tensors and arrays ---
 
+    def _requires(self, module: str, path: str, what: str) -> None:
+        if not self.dest.provides(module):
+            raise CaptureError(path, what, f"the destination ({self._dest_name()}) has no {module} to rebuild it with",
+                               f"Convert it to plain Python data (.tolist()), or use a policy that provides {module}.")
+
     def _tensor(self, tensor: Any, path: str) -> fmt.Ref:
         import torch
 
+        self._requires("torch", path, "Tensor")
         if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
             raise CaptureError(path, _type_name(tensor), "tensor subclasses carry behaviour outside the data",
                                "Send a plain tensor (tensor.as_subclass(torch.Tensor)) or the data it wraps.")
@@ -643,6 +692,7 @@ class Encoder:
                 meta["stride"], meta["offset"] = list(dense.stride()), 0
 
     def _ndarray(self, array: Any, path: str) -> fmt.Ref:
+        self._requires("numpy", path, "ndarray")
         if array.dtype.hasobject or array.dtype.fields is not None:
             raise CaptureError(path, f"ndarray[{array.dtype}]", "object and structured arrays hold Python "
                                "objects or named fields, not raw numbers", "Convert to a numeric array or a list.")
@@ -659,7 +709,7 @@ class Encoder:
                                "Send the data it holds instead, or give its class __getstate__/__setstate__ "
                                "or __reduce__.") from None
         if isinstance(reduced, str):
-            module = getattr(obj, "__module__", None)
+            module = getattr(obj, "__module__", None) or "builtins"
             ref = self._reference(obj, module, reduced, path)
             if ref is None:
                 raise CaptureError(path, _type_name(obj), f"it names itself {module}.{reduced}, which the "
@@ -710,6 +760,14 @@ def _stable_order(items: Any) -> list:
 def _type_name(obj: Any) -> str:
     kind = type(obj)
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _is_namedtuple_class(cls: type) -> bool:
+    """Made by ``collections.namedtuple`` (a NamedTuple class statement has its own source)."""
+    return (issubclass(cls, tuple) and isinstance(vars(cls).get("_fields"), tuple)
+            and getattr(vars(cls).get("_make"), "__func__", None) is not None
+            and getattr(cls._make.__func__, "__module__", None) == "collections"
+            and "__annotations__" not in vars(cls))
 
 
 def _is_compiled(module: types.ModuleType) -> bool:

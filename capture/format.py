@@ -50,11 +50,12 @@ NDARRAY = "ndarray"          # [frame, dtype str, shape]
 BYTES_FRAME = "bytesframe"   # [frame]: a large bytes value kept out of the msgpack body
 UNAVAILABLE = "unavailable"  # [description]: a module-level name that could not travel
 PERSISTENT = "persistent"    # [token]: an object the receiver supplies (its model, say)
+NAMEDTUPLE = "namedtuple"    # [typename, fields, defaults, module, qualname]: a collections.namedtuple class
 
 TAGS = frozenset({
     LIST, TUPLE, DICT, SET, FROZENSET, BYTEARRAY, BIGINT, COMPLEX, REFERENCE, MODULE,
     FUNCTION, CELL, CLASS, ATTRIBUTE, BOUND_METHOD, WRAPPER, PROPERTY, LRU_CACHE, OBJECT,
-    REDUCE, TENSOR, NDARRAY, BYTES_FRAME, UNAVAILABLE, PERSISTENT,
+    REDUCE, TENSOR, NDARRAY, BYTES_FRAME, UNAVAILABLE, PERSISTENT, NAMEDTUPLE,
 })
 
 #: Header keys: format, version, python (producer's, information only), policy, root,
@@ -93,7 +94,9 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def pack_header(header: dict) -> bytes:
-    return msgpack.packb(header, default=_pack_default, use_bin_type=True, strict_types=True)
+    # surrogatepass: a str with lone surrogates (legal in Python) still round-trips.
+    return msgpack.packb(header, default=_pack_default, use_bin_type=True, strict_types=True,
+                         unicode_errors="surrogatepass")
 
 
 def aligned(n: int) -> int:
@@ -127,7 +130,7 @@ def unpack_header(data: bytes | memoryview) -> tuple[dict, int]:
     Parsing runs no code: msgpack yields only scalars, arrays, maps and node references.
     """
     unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=False, ext_hook=_ext_hook, use_list=True,
+        raw=False, strict_map_key=False, ext_hook=_ext_hook, use_list=True, unicode_errors="surrogatepass",
         max_buffer_size=max(len(data), 1),
     )
     try:

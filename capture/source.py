@@ -28,7 +28,8 @@ _FUTURE_FLAGS = {name: getattr(__future__, name).compiler_flag for name in __fut
 class Segment:
     """Exact source text of one definition, with where it came from.
 
-    ``line``/``col`` locate the first character of ``text`` in ``file``; ``kind`` is
+    ``text`` is whole lines starting at ``line`` of ``file``; a lambda starts at byte
+    ``col`` of its first line and ends at byte ``end_col`` of its last. ``kind`` is
     ``def``, ``class`` or ``lambda``; ``futures`` are the file's ``from __future__`` names.
     """
 
@@ -38,10 +39,11 @@ class Segment:
     kind: str
     text: str
     futures: tuple[str, ...]
+    end_col: int = 0  # lambdas: where the expression ends on the last line (UTF-8 bytes, as in ast)
 
     @property
     def digest(self) -> str:
-        key = f"{self.kind}\0{self.file}\0{self.line}\0{self.col}\0{','.join(self.futures)}\0{self.text}"
+        key = f"{self.kind}\0{self.file}\0{self.line}\0{self.col}\0{self.end_col}\0{','.join(self.futures)}\0{self.text}"
         return hashlib.sha256(key.encode()).hexdigest()[:32]  # 128 bits: a content key, not a signature
 
 
@@ -97,8 +99,8 @@ def _parsed(filename: str, module_globals: dict | None) -> _ParsedFile:
 
 def _segment(parsed: _ParsedFile, filename: str, node: ast.AST, kind: str) -> Segment:
     if kind == "lambda":
-        text = ast.get_source_segment("".join(parsed.lines), node)
-        return Segment(filename, node.lineno, node.col_offset, kind, text, parsed.futures)
+        text = "".join(parsed.lines[node.lineno - 1:node.end_lineno])
+        return Segment(filename, node.lineno, node.col_offset, kind, text, parsed.futures, node.end_col_offset)
     first = min([node.lineno] + [d.lineno for d in node.decorator_list])
     text = "".join(parsed.lines[first - 1:node.end_lineno])
     if not text.endswith("\n"):
@@ -239,6 +241,19 @@ def global_names(code: types.CodeType) -> dict[str, set[tuple[str, ...]]]:
     return found
 
 
+def relative_imports(code: types.CodeType) -> list[tuple[int, str, tuple[str, ...]]]:
+    """``from .x import y`` statements inside ``code``: (level, module, names)."""
+    found = []
+    for inner in _codes(code):
+        constants: list = []
+        for ins in dis.get_instructions(inner):
+            if ins.opname == "IMPORT_NAME" and len(constants) >= 2 and isinstance(constants[-2], int) \
+                    and constants[-2] > 0:
+                found.append((constants[-2], ins.argval, tuple(constants[-1] or ())))
+            constants = constants[-1:] + [ins.argval] if ins.opname == "LOAD_CONST" else []
+    return found
+
+
 def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
     yield code
     for const in code.co_consts:
@@ -294,8 +309,12 @@ def compile_segment(segment: Segment, freevars: tuple[str, ...]) -> types.CodeTy
 def _parse_segment(segment: Segment) -> ast.AST:
     text, line = segment.text, segment.line
     if segment.kind == "lambda":
-        col = segment.col
-        padded = "\n" * (line - 1) + "(" + " " * max(col - 1, 0) + text + "\n)"
+        lines = [l.encode() for l in text.splitlines(keepends=True)] or [b""]
+        lines[-1] = lines[-1][:segment.end_col]
+        lines[0] = lines[0][segment.col:]
+        column = len(text.encode()[:segment.col].decode(errors="replace"))
+        expression = b"".join(lines).decode()
+        padded = "\n" * (line - 1) + "(" + " " * max(column - 1, 0) + expression + "\n)"
         return ast.parse(padded, segment.file).body[0].value
     if text[:1] in (" ", "\t") and line >= 2:
         # An indented definition (a method, a nested def) keeps its columns under `if 1:`.
@@ -308,7 +327,8 @@ def code_of(module_code: types.CodeType, segment: Segment, freevars: tuple[str, 
     holder = module_code
     if freevars:
         holder = next(c for c in module_code.co_consts if isinstance(c, types.CodeType))
-    for const in holder.co_consts:
+    # Lambdas in default values compile first; the definition's own code comes last.
+    for const in reversed(holder.co_consts):
         if isinstance(const, types.CodeType):
             return const
     raise BundleError(f"segment at {segment.file}:{segment.line} holds no function")
@@ -327,8 +347,6 @@ def register_lines(segment: Segment) -> None:
     sparse copy: the shipped segments at their lines, blank lines elsewhere.
     """
     seg_lines = segment.text.splitlines(keepends=True)
-    if segment.kind == "lambda":
-        return _register_lambda(segment, seg_lines)
     start = segment.line - 1
     existing = linecache.getlines(segment.file)
     if existing[start:start + len(seg_lines)] == seg_lines:
@@ -338,20 +356,4 @@ def register_lines(segment: Segment) -> None:
         if len(lines) < start + len(seg_lines):
             lines.extend("\n" for _ in range(start + len(seg_lines) - len(lines)))
         lines[start:start + len(seg_lines)] = [l if l.endswith("\n") else l + "\n" for l in seg_lines]
-        linecache.cache[segment.file] = (sum(map(len, lines)), None, list(lines), segment.file)
-
-
-def _register_lambda(segment: Segment, seg_lines: list[str]) -> None:
-    start = segment.line - 1
-    existing = linecache.getlines(segment.file)
-    if existing[start:start + 1] and seg_lines and seg_lines[0].rstrip("\n") in existing[start]:
-        return
-    with _shipped_lock:
-        lines = _shipped_lines.setdefault(segment.file, [])
-        if len(lines) < start + len(seg_lines):
-            lines.extend("\n" for _ in range(start + len(seg_lines) - len(lines)))
-        if lines[start].strip():  # a def already shipped there: keep it, it contains the lambda
-            return
-        first = " " * segment.col + seg_lines[0]
-        lines[start:start + len(seg_lines)] = [l if l.endswith("\n") else l + "\n" for l in [first] + seg_lines[1:]]
         linecache.cache[segment.file] = (sum(map(len, lines)), None, list(lines), segment.file)
