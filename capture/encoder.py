@@ -312,7 +312,7 @@ class Encoder:
             self.journal.append(("module", id(namespace)))
         return record
 
-    def _need_globals(self, namespace: dict, names: dict[str, set[tuple[str, ...]]], path: str) -> list[str]:
+    def _need_globals(self, namespace: dict, names: dict[str, frozenset[tuple[str, ...]]], path: str) -> list[str]:
         """Make sure each global name the code uses travels in its module's record."""
         record = self._record(namespace, path)
         needed = []
@@ -336,7 +336,7 @@ class Encoder:
     def _need_module_chain(self, module: types.ModuleType, chain: tuple[str, ...], path: str) -> None:
         if not chain or chain[0] not in vars(module):
             return
-        self._need_globals(vars(module), {chain[0]: {chain[1:]} if chain[1:] else set()}, path)
+        self._need_globals(vars(module), {chain[0]: frozenset({chain[1:]} if chain[1:] else ())}, path)
 
     def _is_server_module(self, module: types.ModuleType) -> bool:
         return self.dest.provides(module.__name__)
@@ -366,7 +366,7 @@ class Encoder:
         own = [n for n, v in namespace.items() if getattr(v, "__module__", None) == module.__name__
                and isinstance(v, (types.FunctionType, type))]
         rest = [n for n in namespace if n not in own and not (n.startswith("__") and n.endswith("__"))]
-        self._need_globals(namespace, {n: set() for n in own}, path)
+        self._need_globals(namespace, {n: frozenset() for n in own}, path)
         for name in rest:
             value = namespace[name]
             if isinstance(value, types.ModuleType) and not self._is_server_module(value):
@@ -382,7 +382,7 @@ class Encoder:
                 continue
             mark = self.checkpoint()
             try:
-                self._need_globals(namespace, {name: set()}, path)
+                self._need_globals(namespace, {name: frozenset()}, path)
             except CaptureError as exc:
                 self.rollback(mark)
                 self._placeholder(record, name, str(exc))
@@ -491,7 +491,7 @@ class Encoder:
                     if attr not in record.entries:
                         self._set_entry(record, attr, ref)
                 elif attr != "*":
-                    self._need_globals(vars(module), {attr: set()}, f"{path}.<import {target}>")
+                    self._need_globals(vars(module), {attr: frozenset()}, f"{path}.<import {target}>")
             modules[target] = self._module(module, f"{path}.<import {target}>", full="*" in names)
         return modules
 

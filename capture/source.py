@@ -59,7 +59,9 @@ class _ParsedFile:
     by_line: dict[int, list[ast.AST]]
 
 
-_files: dict[tuple[str, str], _ParsedFile] = {}
+#: file name -> (linecache's list of lines, its parse). linecache hands back the same
+#: list while the file is unchanged, so identity tells whether the parse is current.
+_files: dict[str, tuple[list[str], _ParsedFile]] = {}
 _files_lock = threading.Lock()
 
 
@@ -69,12 +71,11 @@ def _parsed(filename: str, module_globals: dict | None) -> _ParsedFile:
         raise SourceUnavailable(
             f"no source text for {filename!r} (code created by exec/eval or a compiled-only module)"
         )
-    text = "".join(lines)
-    key = (filename, hashlib.sha1(text.encode()).hexdigest())
     with _files_lock:
-        parsed = _files.get(key)
-    if parsed is not None:
-        return parsed
+        cached = _files.get(filename)
+    if cached is not None and cached[0] is lines:
+        return cached[1]
+    text = "".join(lines)
     try:
         tree = ast.parse(text, filename)
     except SyntaxError as exc:
@@ -93,7 +94,7 @@ def _parsed(filename: str, module_globals: dict | None) -> _ParsedFile:
             by_line.setdefault(node.lineno, []).append(node)
     parsed = _ParsedFile(lines, tree, futures, by_line)
     with _files_lock:
-        _files[key] = parsed
+        _files[filename] = (lines, parsed)
     return parsed
 
 
@@ -218,9 +219,11 @@ _NAME_OPS = {"LOAD_GLOBAL", "LOAD_NAME", "STORE_GLOBAL", "DELETE_GLOBAL"}
 _ATTR_OPS = {"LOAD_ATTR", "LOAD_METHOD"}
 
 
-def global_names(code: types.CodeType) -> dict[str, set[tuple[str, ...]]]:
+@lru_cache(maxsize=8192)
+def global_names(code: types.CodeType) -> dict[str, frozenset[tuple[str, ...]]]:
     """Global names ``code`` (and every code nested in it) reads or writes, each with the
-    attribute chains read from it (``np.linalg.norm`` -> ``{'np': {('linalg', 'norm')}}``)."""
+    attribute chains read from it (``np.linalg.norm`` -> ``{'np': {('linalg', 'norm')}}``).
+    Cached per code object: reading bytecode is most of the cost of capturing a function."""
     found: dict[str, set[tuple[str, ...]]] = {}
     for inner in _codes(code):
         chain_root, chain = None, ()
@@ -238,10 +241,11 @@ def global_names(code: types.CodeType) -> dict[str, set[tuple[str, ...]]]:
                 chain_root, chain = None, ()
         if chain_root is not None and chain:
             found[chain_root].add(chain)
-    return found
+    return {name: frozenset(chains) for name, chains in found.items()}
 
 
-def relative_imports(code: types.CodeType) -> list[tuple[int, str, tuple[str, ...]]]:
+@lru_cache(maxsize=8192)
+def relative_imports(code: types.CodeType) -> tuple[tuple[int, str, tuple[str, ...]], ...]:
     """``from .x import y`` statements inside ``code``: (level, module, names)."""
     found = []
     for inner in _codes(code):
@@ -251,7 +255,7 @@ def relative_imports(code: types.CodeType) -> list[tuple[int, str, tuple[str, ..
                     and constants[-2] > 0:
                 found.append((constants[-2], ins.argval, tuple(constants[-1] or ())))
             constants = constants[-1:] + [ins.argval] if ins.opname == "LOAD_CONST" else []
-    return found
+    return tuple(found)
 
 
 def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
