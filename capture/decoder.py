@@ -164,6 +164,9 @@ class Decoder:
     def _bytearray(self, index: int, fields: list) -> bytearray:
         return bytearray(_expect(fields[0], bytes, "bytearray data"))
 
+    def _surrogates(self, index: int, fields: list) -> str:
+        return _expect(fields[0], bytes, "surrogate string").decode("utf-8", "surrogatepass")
+
     def _bigint(self, index: int, fields: list) -> int:
         text = _expect(fields[0], str, "big integer")
         if len(text) > 100_000:

@@ -107,6 +107,14 @@ def _refusal(obj: Any) -> tuple[str, str] | None:
                 "Send bytes(view) or the object it views.")
     if isinstance(obj, (types.MappingProxyType,)):
         return ("a mappingproxy is a read-only view of a class namespace", "Send dict(proxy).")
+    asyncio = modules.get("asyncio")
+    if asyncio is not None and isinstance(obj, asyncio.AbstractEventLoop):
+        return ("an event loop runs in this process, with its handles and callbacks",
+                "Send the coroutine function and run it with asyncio.run(...) inside the function on the worker.")
+    os = modules["os"]
+    if isinstance(obj, type(os.environ)):
+        return ("os.environ is this process's environment",
+                "Send dict(os.environ) or just the variables you need; the worker has its own environment.")
     return None
 
 
@@ -160,6 +168,8 @@ class Encoder:
 
     def value(self, obj: Any, path: str) -> Any:
         kind = type(obj)
+        if kind is str and not obj.isascii() and _has_lone_surrogate(obj):
+            return self._node(obj, [fmt.SURROGATE_STR, obj.encode("utf-8", "surrogatepass")])
         if kind in _SCALARS:
             return obj
         if kind is int:
@@ -545,6 +555,10 @@ class Encoder:
             return ref
         if _is_namedtuple_class(cls):
             return self._namedtuple_class(cls, path)
+        if module == "builtins":  # what exec() or type() made in a namespace without __name__
+            raise CaptureError(path, "class", f"class {cls.__qualname__!r} has no source to ship (made by exec "
+                               "or type(), not by a class statement in a file)",
+                               "Define the class with a `class` statement in a .py file, notebook cell or script.")
         if self.dest.provides(module):
             raise CaptureError(path, "class", f"{cls.__qualname__!r} belongs to {module!r}, which the "
                                "destination has, but is not reachable there by name",
@@ -747,6 +761,15 @@ class Encoder:
         if type(state) is tuple and len(state) == 2 and all(s is None or type(s) is dict for s in state):
             return self._node(state, [fmt.TUPLE, [self._state(s, path) if s is not None else None for s in state]])
         return self.value(state, f"{path}.<state>")
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    """msgpack strings are UTF-8, which cannot hold the lone surrogates Python allows."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _stable_order(items: Any) -> list:

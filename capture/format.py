@@ -51,11 +51,12 @@ BYTES_FRAME = "bytesframe"   # [frame]: a large bytes value kept out of the msgp
 UNAVAILABLE = "unavailable"  # [description]: a module-level name that could not travel
 PERSISTENT = "persistent"    # [token]: an object the receiver supplies (its model, say)
 NAMEDTUPLE = "namedtuple"    # [typename, fields, defaults, module, qualname]: a collections.namedtuple class
+SURROGATE_STR = "surrogates"  # [bin]: a str with lone surrogates, as UTF-8 with surrogatepass
 
 TAGS = frozenset({
     LIST, TUPLE, DICT, SET, FROZENSET, BYTEARRAY, BIGINT, COMPLEX, REFERENCE, MODULE,
     FUNCTION, CELL, CLASS, ATTRIBUTE, BOUND_METHOD, WRAPPER, PROPERTY, LRU_CACHE, OBJECT,
-    REDUCE, TENSOR, NDARRAY, BYTES_FRAME, UNAVAILABLE, PERSISTENT, NAMEDTUPLE,
+    REDUCE, TENSOR, NDARRAY, BYTES_FRAME, UNAVAILABLE, PERSISTENT, NAMEDTUPLE, SURROGATE_STR,
 })
 
 #: Header keys: format, version, python (producer's, information only), policy, root,
@@ -94,9 +95,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def pack_header(header: dict) -> bytes:
-    # surrogatepass: a str with lone surrogates (legal in Python) still round-trips.
-    return msgpack.packb(header, default=_pack_default, use_bin_type=True, strict_types=True,
-                         unicode_errors="surrogatepass")
+    return msgpack.packb(header, default=_pack_default, use_bin_type=True, strict_types=True)
 
 
 def aligned(n: int) -> int:
@@ -130,7 +129,7 @@ def unpack_header(data: bytes | memoryview) -> tuple[dict, int]:
     Parsing runs no code: msgpack yields only scalars, arrays, maps and node references.
     """
     unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=False, ext_hook=_ext_hook, use_list=True, unicode_errors="surrogatepass",
+        raw=False, strict_map_key=False, ext_hook=_ext_hook, use_list=True,
         max_buffer_size=max(len(data), 1),
     )
     try:

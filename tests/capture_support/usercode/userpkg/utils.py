@@ -1,0 +1,5 @@
+LIMIT = 10
+
+
+def clamp(x, low=-LIMIT, high=LIMIT):
+    return max(low, min(high, x))
