@@ -699,7 +699,11 @@ class Encoder:
             frame = self.frames[meta["storage"]]
             needed = tensor.numel() * tensor.element_size()
             if users[meta["storage"]] == 1 and needed * 2 <= frame.nbytes:
-                dense = tensor.detach().contiguous()
+                import torch
+
+                # clone, not contiguous(): a contiguous view part-way into its storage must
+                # get storage of its own, or offset 0 would point at someone else's elements.
+                dense = tensor.detach().clone(memory_format=torch.contiguous_format)
                 host, view = arrays.storage_view(dense)
                 self.frames[meta["storage"]] = view
                 self.keepalive.append(host)
