@@ -427,7 +427,8 @@ class Encoder:
         owner = getattr(obj, "__self__", None)
         if owner is None or isinstance(owner, types.ModuleType):
             module = getattr(obj, "__module__", None) or getattr(owner, "__name__", None)
-            ref = self._reference(obj, module, obj.__qualname__, path)
+            # torch.zeros calls itself _VariableFunctionsClass.zeros: its module exports it by name.
+            ref = self._reference(obj, module, obj.__qualname__, path) or self._reference(obj, module, obj.__name__, path)
             if ref is not None:
                 return ref
             raise CaptureError(path, _type_name(obj),

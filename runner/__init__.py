@@ -1,0 +1,19 @@
+"""runner: a long-lived, sandboxed model worker and the client API to use it.
+
+    with runner.Worker(model="tiny-gpt2") as worker:
+        logits = worker.call(my_function, runner.MODEL, prompt)
+
+See docs/RUNNER.md for the protocol, the lifecycle and the numbers behind the design.
+"""
+from .client import SandboxExecutor, Worker, decode_result, encode_call
+from .errors import (MemoryLimitExceeded, ProtocolError, ProtocolVersionError, RemoteError, RemoteTraceback,
+                     RequestTimeout, RunnerError, WorkerCrashed, WorkerStartError, WorkerStopped)
+from .handlers import MODEL, Context, register
+from .protocol import PROTOCOL_VERSION
+
+__all__ = [
+    "Worker", "SandboxExecutor", "MODEL", "encode_call", "decode_result", "register", "Context",
+    "RunnerError", "ProtocolError", "ProtocolVersionError", "RemoteError", "RemoteTraceback",
+    "WorkerCrashed", "RequestTimeout", "MemoryLimitExceeded", "WorkerStartError", "WorkerStopped",
+    "PROTOCOL_VERSION",
+]

@@ -1,0 +1,108 @@
+"""``python -m runner``: serve a worker, ask one for its status, stop one."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import sys
+import time
+
+from .errors import ProtocolError
+from .protocol import DEFAULT_SHM_THRESHOLD, Connection
+
+DEFAULT_POLICY = "default"
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"512M"``, ``"2GiB"``, ``"1073741824"`` -> bytes (powers of 1024)."""
+    match = _SIZE.match(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (write e.g. 1073741824, 512M or 2G)")
+    unit = (match.group(2) or "").upper()[:1]
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runner", description="the sourcebox worker")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start a worker server on a Unix socket (runs until stopped)")
+    serve.add_argument("--socket", required=True, help="path of the Unix socket to listen on")
+    serve.add_argument("--model", default="tiny-gpt2",
+                       help="tiny-gpt2, tiny-gpt2-<N>l, a local Hugging Face directory, or 'none' (no model)")
+    serve.add_argument("--policy", default=DEFAULT_POLICY, help="a sandbox profile name or policy file")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    serve.add_argument("--confine", default="best-effort", choices=("best-effort", "required", "off"),
+                       help="OS confinement: apply what this kernel offers, demand all of it, or none")
+    serve.add_argument("--timeout", type=float, default=None, help="seconds a request may run (default: no limit)")
+    serve.add_argument("--memory-limit", type=parse_size, default=None,
+                       help="RSS (and CUDA memory) past which the worker is restarted, e.g. 4G")
+    serve.add_argument("--shm-threshold", type=parse_size, default=DEFAULT_SHM_THRESHOLD,
+                       help="frames at least this large travel through shared memory")
+    serve.add_argument("--handlers", default="", help="comma-separated modules that register request kinds")
+    serve.add_argument("--start-timeout", type=float, default=600.0, help="seconds the worker may take to start")
+    serve.add_argument("--owner", type=int, default=None, help="stop when this process exits")
+    for name, text in (("status", "print a worker server's status"), ("stop", "stop a worker server")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("socket", help="the server's socket path")
+        if name == "status":
+            command.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .supervisor import Supervisor
+
+    supervisor = Supervisor(
+        args.socket, model=args.model, device=args.device, policy=args.policy, confine=args.confine,
+        timeout=args.timeout, memory_limit=args.memory_limit, shm_threshold=args.shm_threshold,
+        handlers=tuple(name for name in args.handlers.split(",") if name), start_timeout=args.start_timeout,
+        owner_pid=args.owner,
+    )
+    return supervisor.serve()
+
+
+def _ask(path: str, kind: str) -> dict:
+    """One control message to the server at ``path``: its answer's metadata."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        raise SystemExit(f"no worker server at {path}: {exc}") from None
+    conn = Connection(sock)
+    try:
+        conn.greet(peer=f"the worker server at {path}")
+        # A pool token is part of the hello; this client shares no memory, so any will do.
+        conn.send("hello", 0, {"token": os.urandom(4).hex()})
+        conn.recv()
+        conn.send(kind, 1)
+        return conn.recv().meta
+    finally:
+        conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "status":
+            status = _ask(args.socket, "status")
+            if args.json:
+                print(json.dumps(status, indent=2, default=str))
+            else:
+                for key, value in status.items():
+                    print(f"{key:>14}: {value}")
+            return 0
+        _ask(args.socket, "stop")
+        deadline = time.monotonic() + 60
+        while os.path.exists(args.socket) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(f"stopped the worker server at {args.socket}")
+        return 0
+    except (ProtocolError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,582 @@
+"""The client side: ``Worker`` (a connection to a worker server), ``SandboxExecutor``, and
+pure-bytes helpers for job runners that carry their own payloads.
+
+A ``Worker`` starts a server (``python -m runner serve``) on a private socket, or
+connects to one already listening at ``socket``. Calls are thread-safe and may overlap:
+replies are matched to requests by id by a reader thread.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures
+import ctypes
+import hashlib
+import itertools
+import os
+import queue
+import shutil
+import socket as socket_module
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import capture
+import msgpack
+import sandbox
+
+from . import errors, shm
+from .errors import ProtocolError, WorkerCrashed, WorkerStartError, describe_exit, rebuild
+from .handlers import MODEL, MODEL_TOKEN
+from .protocol import DEFAULT_SHM_THRESHOLD, DIGEST_BYTES, CachedRef, Connection
+from .cli import DEFAULT_POLICY
+from .supervisor import PACKAGE_ROOT
+
+#: A request's bundle header at least this large is offered to the server's cache, and
+#: sent as its digest alone once the server holds it (docs/RUNNER.md, "Repeated code").
+DEFAULT_CACHE_MIN_BYTES = 4096
+_OUTPUT_TAIL_LINES = 30
+_HANDSHAKE_SECONDS = 30.0
+
+
+def _model_token(obj: Any) -> str | None:
+    return MODEL_TOKEN if obj is MODEL else None
+
+
+def _model_placeholder(token: str) -> Any:
+    if token != MODEL_TOKEN:
+        raise capture.BundleError(f"unknown object token {token!r} in a result")
+    return MODEL
+
+
+def _digest(data) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def encode_call(fn: Callable, args: tuple = (), kwargs: dict | None = None, *, policy: Any = None) -> bytes:
+    """A call ``fn(*args, **kwargs)`` as bundle bytes, for ``Worker.run_bytes``.
+
+    ``policy`` is the worker's policy (what it can import; a spec or ``Policy``), which
+    decides what travels as source. ``runner.MODEL`` in the arguments is the model.
+    """
+    return capture.encode_variables(
+        {"fn": fn, "args": tuple(args), "kwargs": dict(kwargs or {})},
+        policy=_load_policy(policy) if policy is not None else None, persistent_id=_model_token,
+    ).to_bytes()
+
+
+def decode_result(data: bytes) -> Any:
+    """The value in ``Worker.run_bytes``'s output, or raise the error it holds."""
+    try:
+        outcome = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack reports malformed input with assorted types
+        raise ValueError(f"not an outcome from Worker.run_bytes: {exc}") from None
+    if not isinstance(outcome, dict) or not ({"result"} == outcome.keys() or {"error"} == outcome.keys()):
+        raise ValueError("not an outcome from Worker.run_bytes: expected a map with 'result' or 'error'")
+    if "error" in outcome:
+        raise rebuild(outcome["error"])
+    return capture.loads(outcome["result"], persistent_load=_model_placeholder)
+
+
+def _load_policy(spec: Any):
+    return sandbox.Policy.load(spec if spec is not None else DEFAULT_POLICY)
+
+
+@dataclass(eq=False)
+class _Pending:
+    future: concurrent.futures.Future
+    meta: dict
+    frames: list
+    offer_index: int | None = None     # the frame offered to the server's cache
+    digest: bytes | None = None
+    lease: str | None = None           # our segment holding its large frames
+    answered: bool = False             # its reply (or error, or miss) has been read
+    raw_reply: bool = False            # run_bytes: hand back the outcome bytes
+
+
+class Worker:
+    """A long-lived sandboxed worker holding a model, as a context manager.
+
+    ``model``: ``"tiny-gpt2"`` (embedded), a local Hugging Face directory, or ``"none"``
+    for a worker that runs plain functions and loads no model. ``policy``: a profile name
+    or policy file (default: sandbox's default profile). ``socket``: connect to the server
+    listening there, or start one there if none is. ``device``: ``"cpu"``, ``"cuda"``,
+    ``"auto"``. ``timeout``: seconds a request may run before the worker is killed and
+    restarted. ``memory_limit``: bytes of RSS (and of CUDA memory) past which the worker
+    is killed and restarted. ``confine``: ``"best-effort"``, ``"required"`` or ``"off"``.
+    The server-side settings apply only when this ``Worker`` starts the server.
+    """
+
+    def __init__(self, model: str = "tiny-gpt2", policy: Any = None, socket: str | None = None,
+                 device: str = "auto", timeout: float | None = None, memory_limit: int | None = None,
+                 confine: str = "best-effort", *, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
+                 cache_min_bytes: int = DEFAULT_CACHE_MIN_BYTES, start_timeout: float = 600.0,
+                 handlers: tuple[str, ...] = ()):
+        self.shm_threshold = shm_threshold
+        self.cache_min_bytes = cache_min_bytes
+        self.timeout = timeout
+        self._server: subprocess.Popen | None = None
+        self._server_output: collections.deque = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
+        self._own_dir: str | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._known: set[bytes] = set()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._lost: str | None = None
+        self.bytes_sent = 0
+        _open_workers.add(self)
+        if socket is not None and _listening(socket):
+            self.socket_path = os.path.abspath(socket)
+        else:
+            if socket is None:
+                self._own_dir = tempfile.mkdtemp(prefix="sourcebox-")
+                socket = os.path.join(self._own_dir, "worker.sock")
+            self.socket_path = os.path.abspath(socket)
+            self._start_server(model, policy, device, timeout, memory_limit, confine, shm_threshold,
+                               start_timeout, handlers)
+        self.policy = None
+        try:
+            self._connect()
+            self.info = self._control("wait_ready")
+            # What the worker can import decides what travels as source: its policy.
+            self.policy = _load_policy(policy if policy is not None else self.info.get("policy"))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up ------------------------------------------------------------------------
+    def _start_server(self, model, policy, device, timeout, memory_limit, confine, shm_threshold,
+                      start_timeout, handlers) -> None:
+        argv = [sys.executable, "-m", "runner", "serve", "--socket", self.socket_path, "--model", model,
+                "--device", device, "--confine", confine, "--shm-threshold", str(shm_threshold),
+                "--owner", str(os.getpid()), "--start-timeout", str(start_timeout)]
+        if policy is not None:
+            argv += ["--policy", os.fspath(policy)]
+        if timeout is not None:
+            argv += ["--timeout", str(timeout)]
+        if memory_limit is not None:
+            argv += ["--memory-limit", str(memory_limit)]
+        if handlers:
+            argv += ["--handlers", ",".join(handlers)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), PACKAGE_ROOT]))
+        self._server = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+        self._server_pump = threading.Thread(target=self._pump_server_output, daemon=True, name="server-output")
+        self._server_pump.start()
+        deadline = time.monotonic() + 60
+        while not _listening(self.socket_path):
+            if self._server.poll() is not None or time.monotonic() > deadline:
+                self._server.kill()
+                self._server.wait()
+                time.sleep(0.1)  # let the output pump catch the last lines
+                raise WorkerStartError(
+                    f"the worker server for {self.socket_path} exited before listening "
+                    f"({describe_exit(self._server.returncode)}):\n" + "".join(self._server_output))
+            time.sleep(0.02)
+
+    def _pump_server_output(self) -> None:
+        for raw in iter(self._server.stderr.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            self._server_output.append(line)
+            try:
+                sys.stderr.write(line)
+            except (OSError, ValueError):
+                pass  # our own stderr is gone (interpreter shutdown); keep the tail
+
+    def _connect(self) -> None:
+        sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+        sock.connect(self.socket_path)
+        sock.settimeout(_HANDSHAKE_SECONDS)  # something listening there may not be a runner
+        self._pool = shm.SegmentPool()
+        self._segments = shm.SegmentMap(max_mapped=4)
+        self._conn = Connection(sock, pool=self._pool, segments=self._segments, shm_threshold=self.shm_threshold)
+        self._conn.greet(peer=f"the worker server at {self.socket_path}")
+        self._conn.send("hello", 0, {"token": self._pool.token})
+        welcome = self._conn.recv()
+        if welcome.kind != "welcome":
+            raise ProtocolError(f"expected a welcome from {self.socket_path}, got {welcome.kind!r}")
+        self.server_pid = welcome.meta["server_pid"]
+        sock.settimeout(None)
+        self._leases = _ResultLeases(self._conn)
+        threading.Thread(target=self._read_replies, daemon=True, name="worker-replies").start()
+
+    # -- requests ----------------------------------------------------------------------
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        """Run ``fn(*args, **kwargs)`` in the worker; return a Future of its result."""
+        bundle = capture.encode_variables({"fn": fn, "args": args, "kwargs": kwargs}, policy=self.policy,
+                                          persistent_id=_model_token)
+        return self._submit("call", [bundle.header, *bundle.frames], "frames", self.timeout)
+
+    def call(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in the worker and return its result.
+
+        Put ``runner.MODEL`` where ``fn`` takes the model. User exceptions are raised
+        here with the worker's traceback as their cause.
+        """
+        return self.submit(fn, *args, **kwargs).result()
+
+    def request(self, kind: str, payload: Any, *, timeout: float | None = None) -> Any:
+        """Send ``payload`` to the handler of request ``kind`` and return its result."""
+        bundle = capture.encode(payload, policy=self.policy, persistent_id=_model_token, label="payload")
+        return self._submit(kind, [bundle.header, *bundle.frames], "frames", timeout or self.timeout).result()
+
+    def run_bytes(self, data: bytes, kind: str = "call", *, timeout: float | None = None) -> bytes:
+        """Run a request given as bundle bytes (``encode_call``); return outcome bytes.
+
+        For job runners that carry payloads themselves (Celery, Dask, Ray): the outcome
+        holds the result or the error, and ``decode_result`` turns it back into either,
+        wherever it ends up. Runner failures (a crash, a timeout) are outcomes too.
+        """
+        future = self._submit(kind, [memoryview(data)], "bytes", timeout or self.timeout, raw_reply=True)
+        return future.result()
+
+    def _submit(self, kind: str, frames: list, form: str, timeout: float | None,
+                raw_reply: bool = False) -> concurrent.futures.Future:
+        meta = {"kind": kind, "form": form, "reply": form}
+        if timeout is not None:
+            meta["timeout"] = timeout
+        entry = _Pending(concurrent.futures.Future(), meta, frames, raw_reply=raw_reply)
+        first = frames[0]
+        if form == "frames" and len(first) >= self.cache_min_bytes:
+            entry.offer_index, entry.digest = 0, _digest(first)
+        request_id = next(self._ids)
+        with self._lock:
+            if self._closed or self._lost:
+                raise WorkerCrashed(self._lost or "this Worker is closed")
+            self._pending[request_id] = entry
+        self._transmit(request_id, entry)
+        return entry.future
+
+    def _transmit(self, request_id: int, entry: _Pending) -> None:
+        frames, offer = list(entry.frames), {}
+        if entry.digest is not None:
+            if entry.digest in self._known:
+                frames[entry.offer_index] = CachedRef(entry.digest, len(frames[entry.offer_index]))
+            else:
+                offer[entry.offer_index] = entry.digest
+                self._known.add(entry.digest)
+        meta = dict(entry.meta, dropped=self._pool.dropped())
+        try:
+            lease = self._conn.send("request", request_id, meta, frames, offer=offer)
+        except BaseException as exc:
+            with self._lock:
+                self._pending.pop(request_id, None)
+            if isinstance(exc, OSError):
+                raise WorkerCrashed(f"lost the connection to the worker server at {self.socket_path}: {exc}") from None
+            raise
+        if lease is not None:
+            # The reply may already have been read: then the segment is free right away.
+            with self._lock:
+                answered = entry.answered
+                entry.lease = None if answered else lease.name
+            if answered:
+                self._pool.release(lease.name)
+        self.bytes_sent += sum(len(f) if not isinstance(f, CachedRef) else DIGEST_BYTES for f in frames)
+
+    def _control(self, kind: str) -> dict:
+        entry = _Pending(concurrent.futures.Future(), {}, [])
+        request_id = next(self._ids)
+        with self._lock:
+            if self._lost:
+                raise WorkerCrashed(self._lost)
+            self._pending[request_id] = entry
+        self._conn.send(kind, request_id)
+        return entry.future.result()
+
+    def status(self) -> dict:
+        """The server's state: pids, model, device, policy, queue, restarts, memory..."""
+        return self._control("status")
+
+    def ping(self) -> float:
+        """Round-trip time to the server in seconds."""
+        started = time.perf_counter()
+        self._control("ping")
+        return time.perf_counter() - started
+
+    # -- replies -----------------------------------------------------------------------
+    def _read_replies(self) -> None:
+        try:
+            while True:
+                message = self._conn.recv()
+                with self._lock:
+                    entry = self._pending.pop(message.id, None)
+                if entry is None:
+                    if message.kind == "error":  # about the connection itself
+                        self._lost = rebuild(message.meta["error"]).args[0]
+                    continue
+                self._settle(message, entry)
+        except (ProtocolError, OSError) as exc:
+            self._connection_lost(exc)
+
+    def _settle(self, message, entry: _Pending) -> None:
+        with self._lock:
+            entry.answered = True
+            lease, entry.lease = entry.lease, None
+        if lease is not None:
+            self._pool.release(lease)
+        kind, future = message.kind, entry.future
+        if kind == "miss":
+            self._known.difference_update(message.meta.get("missing", ()))
+            # Sending from this thread could wait on the server while nobody reads.
+            with self._lock:
+                entry.answered = False
+                self._pending[message.id] = entry
+            threading.Thread(target=self._resend, args=(message.id, entry), daemon=True).start()
+            return
+        if kind == "reply":
+            self._segments.forget(message.meta.get("dropped", ()))
+            try:
+                result = self._decode(message, entry)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            if entry.raw_reply and message.segments:  # copied out: the worker may reuse it
+                self._leases.release(sorted(set(message.segments.values())))
+        elif kind == "error":
+            info = message.meta.get("error", {})
+            if entry.raw_reply:
+                future.set_result(msgpack.packb({"error": info}, use_bin_type=True))
+            else:
+                future.set_exception(rebuild(info, provides=self.policy.provides if self.policy else None))
+        else:  # a control answer: pong, status, ready, stopping
+            future.set_result(message.meta)
+
+    def _decode(self, message, entry: _Pending) -> Any:
+        if entry.raw_reply:
+            return msgpack.packb({"result": bytes(message.frames[0])}, use_bin_type=True)
+        # Inline frames borrow the receive buffer: they get a private copy. Shared frames
+        # become the result's memory without a copy; the worker's segment stays lent to
+        # us until nothing views it any more.
+        views = [self._leases.lend(frame, message.segments[index]) if index in message.segments
+                 else memoryview(bytearray(frame)) for index, frame in enumerate(message.frames)]
+        return capture.decode(views[0], views[1:], persistent_load=_model_placeholder)
+
+    def _resend(self, request_id: int, entry: _Pending) -> None:
+        try:
+            self._transmit(request_id, entry)
+        except BaseException as exc:
+            entry.future.set_exception(exc)
+
+    def _connection_lost(self, exc: BaseException) -> None:
+        reason = self._lost or f"lost the connection to the worker server at {self.socket_path}"
+        returncode = None
+        if self._server is not None:
+            try:
+                returncode = self._server.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        with self._lock:
+            self._lost = reason
+            pending, self._pending = list(self._pending.values()), {}
+        if not self._closed or pending:
+            # The server is gone: whatever it and its worker left in /dev/shm is ours to remove.
+            shm.sweep_orphans()
+        for entry in pending:
+            entry.future.set_exception(WorkerCrashed(reason, returncode, "".join(self._server_output).rstrip()))
+
+    # -- lifetime ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Disconnect; stop the server too if this ``Worker`` started it. Requests still
+        waiting fail with ``WorkerStopped``."""
+        if self._closed:
+            return
+        self._closed = True
+        conn = getattr(self, "_conn", None)
+        if self._server is not None and conn is not None and self._server.poll() is None:
+            try:
+                conn.send("stop", 0)
+                self._server.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if hasattr(self, "_leases"):
+            self._leases.stop()
+        if conn is not None:
+            conn.close()
+        if self._server is not None:
+            if self._server.poll() is None:
+                self._server.kill()
+            self._server.wait()
+            self._server_pump.join(timeout=5)
+            self._server.stderr.close()
+        if hasattr(self, "_pool"):
+            self._pool.close()
+            self._segments.close()
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for entry in pending:
+            entry.future.set_exception(errors.WorkerStopped("the Worker was closed before this request finished"))
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<runner.Worker {self.socket_path} server pid {getattr(self, 'server_pid', '?')}>"
+
+
+class _ResultLeases:
+    """Worker segments that results still view, each sent back once nothing does.
+
+    ``lend`` wraps a shared frame in a ctypes array whose death (the last tensor, array
+    or view over it gone) is observed by ``weakref.finalize``. Finalizers run wherever
+    the last reference drops, even inside our own locked sections, so they only put an
+    event on a ``SimpleQueue`` (safe there); this object's thread does the counting and
+    the sending.
+    """
+
+    def __init__(self, conn: Connection):
+        self._conn = conn
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._lent: dict[str, int] = {}
+        threading.Thread(target=self._run, daemon=True, name="result-leases").start()
+
+    def lend(self, frame: memoryview, segment: str) -> memoryview:
+        holder = (ctypes.c_char * frame.nbytes).from_buffer(frame)
+        self._events.put(("lend", segment))
+        weakref.finalize(holder, self._events.put, ("back", segment)).atexit = False
+        return memoryview(holder).cast("B")
+
+    def release(self, names: list[str]) -> None:
+        self._conn.send("release", 0, {"names": names})
+
+    def stop(self) -> None:
+        self._events.put(("stop", ""))
+
+    def _run(self) -> None:
+        while True:
+            event, segment = self._events.get()
+            if event == "stop":
+                return
+            count = self._lent.get(segment, 0) + (1 if event == "lend" else -1)
+            if count:
+                self._lent[segment] = count
+                continue
+            del self._lent[segment]
+            try:
+                self.release([segment])
+            except OSError:
+                return  # the server is gone, and its segments with it
+
+
+# Workers still open at interpreter exit are closed then, so their segments (and any
+# server they started) do not outlive the process.
+_open_workers: "weakref.WeakSet[Worker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_workers() -> None:
+    for worker in list(_open_workers):
+        worker.close()
+
+
+def _listening(path: str) -> bool:
+    probe = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+@dataclass(eq=False)
+class _WorkItem:
+    future: concurrent.futures.Future
+    fn: Callable
+    args: tuple
+    kwargs: dict
+
+
+class SandboxExecutor(concurrent.futures.Executor):
+    """A ``concurrent.futures.Executor`` whose work runs in a sandboxed worker.
+
+    ``SandboxExecutor(worker=existing)`` uses a ``Worker`` you manage; otherwise the
+    keyword arguments start one (``SandboxExecutor(model="none")``) that ``shutdown``
+    closes. Submitted calls wait here, where ``cancel()`` works, until one of the
+    ``max_in_flight`` slots at the worker is free; a call handed to the worker is
+    running and can no longer be cancelled.
+    """
+
+    def __init__(self, worker: Worker | None = None, *, max_in_flight: int = 1, **worker_options: Any):
+        if worker is not None and worker_options:
+            raise TypeError("pass either worker= or options to start one, not both")
+        self.worker = worker if worker is not None else Worker(**worker_options)
+        self._owns_worker = worker is None
+        self._queue: collections.deque[_WorkItem] = collections.deque()
+        self._max_in_flight = max_in_flight
+        self._slots = threading.Semaphore(max_in_flight)
+        self._wakeup = threading.Condition()
+        self._shutdown = False
+        self._dispatcher = threading.Thread(target=self._dispatch, daemon=True, name="sandbox-executor")
+        self._dispatcher.start()
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        with self._wakeup:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            item = _WorkItem(concurrent.futures.Future(), fn, args, kwargs)
+            self._queue.append(item)
+            self._wakeup.notify()
+        return item.future
+
+    def _dispatch(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._queue and not self._shutdown:
+                    self._wakeup.wait()
+                if not self._queue:
+                    return
+                item = self._queue.popleft()
+            if not item.future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            self._slots.acquire()
+            try:
+                remote = self.worker.submit(item.fn, *item.args, **item.kwargs)
+            except BaseException as exc:
+                self._slots.release()
+                item.future.set_exception(exc)
+                continue
+            remote.add_done_callback(lambda done, item=item: self._finish(done, item))
+
+    def _finish(self, done: concurrent.futures.Future, item: _WorkItem) -> None:
+        self._slots.release()
+        exc = done.exception()
+        if exc is not None:
+            item.future.set_exception(exc)
+        else:
+            item.future.set_result(done.result())
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._wakeup:
+            self._shutdown = True
+            if cancel_futures:
+                while self._queue:
+                    self._queue.popleft().future.cancel()
+            self._wakeup.notify()
+        if wait:
+            self._wind_down()
+        else:
+            threading.Thread(target=self._wind_down, daemon=True, name="sandbox-executor-shutdown").start()
+
+    def _wind_down(self) -> None:
+        self._dispatcher.join()
+        # Holding every slot means nothing is still running at the worker.
+        for _ in range(self._max_in_flight):
+            self._slots.acquire()
+        for _ in range(self._max_in_flight):
+            self._slots.release()
+        if self._owns_worker:
+            self.worker.close()

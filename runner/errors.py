@@ -1,0 +1,227 @@
+"""The runner's exceptions, and how a failure on the worker is rebuilt in the client.
+
+Everything the runner raises on its own account derives from ``RunnerError``. A user
+exception raised inside the worker comes back as its original type when that type is a
+builtin or a server type (see ``rebuild``), else as ``RemoteError``; either way its
+``__cause__`` is a ``RemoteTraceback`` whose text is the worker-side traceback, pointing
+at the user's own files and lines.
+"""
+from __future__ import annotations
+
+import builtins
+import importlib
+import traceback
+from typing import Any
+
+
+class RunnerError(Exception):
+    """Base class of the errors the runner raises itself."""
+
+
+class ProtocolError(RunnerError):
+    """The byte stream broke the protocol; the connection cannot continue."""
+
+
+class BadMessage(ProtocolError):
+    """One message was malformed but fully read: that request fails, the connection lives on.
+
+    ``request_id`` is the id the message carried when it could be read, else ``None``.
+    """
+
+    def __init__(self, text: str, request_id: int | None = None):
+        super().__init__(text)
+        self.request_id = request_id
+
+
+class ProtocolVersionError(ProtocolError):
+    """The two sides speak different protocol versions."""
+
+
+class WorkerStartError(RunnerError):
+    """The worker could not be started (bad model spec, policy, device, confinement...)."""
+
+
+class WorkerStopped(RunnerError):
+    """The worker server stopped before this request ran."""
+
+
+class WorkerCrashed(RunnerError):
+    """The worker process died while running this request.
+
+    ``returncode`` is the exit status (negative: killed by signal ``-returncode``),
+    ``stderr_tail`` the worker's last lines of output, ``reason`` what the supervisor saw.
+    The supervisor has restarted the worker; the requests queued behind this one run.
+    """
+
+    def __init__(self, reason: str, returncode: int | None = None, stderr_tail: str = ""):
+        self.reason = reason
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        text = reason
+        if returncode is not None:
+            text += f" ({describe_exit(returncode)})"
+        if stderr_tail:
+            text += "\nlast lines of the worker's output:\n" + stderr_tail
+        super().__init__(text)
+
+
+class RequestTimeout(WorkerCrashed, TimeoutError):
+    """The request ran past its time limit; the worker was killed and restarted."""
+
+
+class MemoryLimitExceeded(WorkerCrashed, MemoryError):
+    """The worker's memory went past its limit; it was killed and restarted."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the worker-side traceback text as the ``__cause__`` of a rebuilt error."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n\n" + self.text
+
+
+class RemoteError(RunnerError):
+    """A user exception whose type does not exist in the client.
+
+    ``type_name`` is the remote type's ``module.qualname``, ``message`` its ``str()``.
+    """
+
+    def __init__(self, type_name: str, message: str):
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+        self.message = message
+
+
+def describe_exit(returncode: int) -> str:
+    """``exit code 3`` or ``killed by signal 9 (SIGKILL)``."""
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    import signal
+
+    number = -returncode
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = "unknown signal"
+    return f"killed by signal {number} ({name})"
+
+
+# Failures the worker sends back carry a category so the client rebuilds the right type.
+USER, CRASHED, TIMEOUT, MEMORY, STOPPED, START, RUNNER = (
+    "user", "crashed", "timeout", "memory", "stopped", "start", "runner")
+_CATEGORY_TYPES = {
+    CRASHED: WorkerCrashed, TIMEOUT: RequestTimeout, MEMORY: MemoryLimitExceeded,
+}
+# Exception types from our own packages always exist on both sides.
+_OWN_PACKAGES = ("runner", "capture", "sandbox")
+
+
+def describe(exc: BaseException, *, skip_dirs: tuple[str, ...] = ()) -> dict:
+    """The wire form of a user exception: type, text, plain args and attributes, traceback.
+
+    Frames from files under ``skip_dirs`` (the worker's own machinery: runner, capture,
+    sandbox) are dropped, so the traceback shows the user's code and the libraries it
+    called.
+    """
+    frames = [
+        [frame.filename, frame.lineno, frame.name, frame.line or ""]
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith(skip_dirs)
+    ]
+    cls = type(exc)
+    return {
+        "category": USER,
+        "module": cls.__module__,
+        "qualname": cls.__qualname__,
+        "message": _safe_str(exc),
+        "args": list(exc.args) if all(_plain(a) for a in exc.args) else None,
+        "attributes": {k: v for k, v in vars(exc).items() if isinstance(k, str) and _plain(v)},
+        "traceback": frames,
+        "text": "".join(traceback.format_exception_only(cls, exc)).strip(),
+    }
+
+
+def failure(category: str, message: str, **extra: Any) -> dict:
+    """The wire form of a failure the runner itself reports (crash, timeout, stop...)."""
+    return {"category": category, "message": message, **extra}
+
+
+def rebuild(info: dict, *, provides=None) -> BaseException:
+    """Turn a wire failure back into an exception to raise in the client.
+
+    A user exception keeps its type when that type is a builtin, belongs to the runner's
+    own packages, or comes from a module the destination ``provides`` (a server type:
+    torch, numpy...); otherwise it becomes ``RemoteError``.
+    """
+    category = info.get("category")
+    message = str(info.get("message", ""))
+    if category in _CATEGORY_TYPES:
+        return _CATEGORY_TYPES[category](message, info.get("returncode"), info.get("stderr_tail", ""))
+    if category == STOPPED:
+        return WorkerStopped(message)
+    if category == START:
+        return WorkerStartError(message)
+    if category == RUNNER:
+        return RunnerError(message)
+    exc = _original_type_instance(info, provides) or RemoteError(
+        f"{info.get('module')}.{info.get('qualname')}", message)
+    frames = info.get("traceback") or []
+    text = "Traceback (most recent call last) on the worker:\n" + "".join(
+        traceback.format_list([tuple(frame) for frame in frames])) + str(info.get("text", message))
+    exc.__cause__ = RemoteTraceback(text)
+    exc.remote_traceback = [tuple(frame) for frame in frames]
+    return exc
+
+
+def _original_type_instance(info: dict, provides) -> BaseException | None:
+    module, qualname = info.get("module"), info.get("qualname")
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        return None
+    if module == "builtins":
+        cls = getattr(builtins, qualname, None)
+    elif module.partition(".")[0] in _OWN_PACKAGES or (provides is not None and provides(module)):
+        try:
+            cls = importlib.import_module(module)
+            for part in qualname.split("."):
+                cls = getattr(cls, part)
+        except Exception:
+            return None
+    else:
+        return None
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        return None
+    args = info.get("args")
+    args = tuple(args) if isinstance(args, list) else (info.get("message", ""),)
+    try:
+        exc = cls(*args)
+    except Exception:
+        # A constructor with its own signature (keyword-only details, say): build the
+        # instance without it, then restore what the worker's instance carried.
+        try:
+            exc = cls.__new__(cls, *args)
+            exc.args = args
+        except Exception:
+            return None
+    attributes = info.get("attributes")
+    if isinstance(attributes, dict):
+        for name, value in attributes.items():
+            try:
+                setattr(exc, name, value)
+            except (AttributeError, TypeError):
+                pass  # a read-only attribute: the constructor set its own
+    return exc
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool, bytes))
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception as inner:  # a broken __str__ must not hide the original failure
+        return f"<str() failed: {type(inner).__name__}: {inner}>"

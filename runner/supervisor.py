@@ -1,0 +1,669 @@
+"""The supervisor: the process behind a worker socket (``python -m runner serve``).
+
+Clients connect to the supervisor, never to the worker. It owns the listening socket
+and the request queue, so a worker crash loses nothing but the request that was
+running. It
+
+- starts the worker (``runner.worker``) over a private socket pair and waits for it to be
+  ready; restarts it when it dies, hangs (no answer to a ping), runs a request past its
+  time limit, or grows past the memory limit (RSS via psutil; CUDA memory as the worker
+  reports it);
+- queues requests per client and takes them round-robin across clients, one at a time;
+- forwards requests and replies. Large frames are not touched: only shared-memory
+  segment names pass through. Small inline frames offered under a digest are kept in a
+  byte-bounded cache, so a client can later send the digest alone;
+- cleans up after whoever dies: a client's segments when its connection drops, the
+  worker's when the worker dies.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+from . import errors
+from . import shm
+from .errors import BadMessage, ProtocolError, ProtocolVersionError, describe_exit, failure
+from .protocol import (DEFAULT_SHM_THRESHOLD, DIGEST_BYTES, PROTOCOL_VERSION, CachedRef, Connection,
+                       ConnectionClosed, Message, SharedRef)
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# How often the scheduler wakes to check the worker's memory, deadline and health.
+_POLL_SECONDS = 0.05
+_PING_INTERVAL = 5.0
+_PING_TIMEOUT = 10.0
+_STOP_GRACE = 10.0
+# A client that does not read its replies for this long is dropped, not waited on.
+_CLIENT_SEND_TIMEOUT = 30.0
+_TAIL_LINES = 30
+_RESTART_ATTEMPTS = 3
+DEFAULT_CACHE_BYTES = 64 << 20
+
+
+def _digest(data) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+class BlobCache:
+    """Frames clients offered under their digest, least recently used dropped first.
+
+    A digest is checked against the bytes before they are kept, so no client can plant
+    wrong content under a digest another client will use.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._blobs: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        self._bytes = 0
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+
+    def offer(self, digest: bytes, data) -> bool:
+        if len(data) > self.max_bytes or _digest(data) != digest:
+            return False
+        with self._lock:
+            if digest not in self._blobs:
+                self._blobs[digest] = bytes(data)
+                self._bytes += len(data)
+                while self._bytes > self.max_bytes:
+                    _, dropped = self._blobs.popitem(last=False)
+                    self._bytes -= len(dropped)
+            return True
+
+    def get(self, digest: bytes) -> bytes | None:
+        with self._lock:
+            blob = self._blobs.get(digest)
+            if blob is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._blobs.move_to_end(digest)
+            return blob
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"entries": len(self._blobs), "bytes": self._bytes, "hits": self.hits, "misses": self.misses}
+
+
+@dataclass(eq=False)
+class ClientSession:
+    id: int
+    conn: Connection
+    pid: int
+    prefix: str = ""            # its shared-memory segment names start with this
+    queue: collections.deque = field(default_factory=collections.deque)
+    leases: set = field(default_factory=set)  # worker segments it has still to give back
+    alive: bool = True
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    popen: subprocess.Popen
+    conn: Connection
+    scratch: str
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_TAIL_LINES))
+    info: dict = field(default_factory=dict)
+    pump: threading.Thread | None = None
+    gpu_bytes: int | None = None
+    last_ping: float = 0.0
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output_tail(self) -> str:
+        return "".join(self.tail).rstrip()
+
+
+class _WorkerLost(Exception):
+    """The worker died or was killed; ``category`` and ``reason`` say how."""
+
+    def __init__(self, category: str, reason: str):
+        super().__init__(reason)
+        self.category = category
+        self.reason = reason
+
+
+class StartFailed(Exception):
+    """The worker could not start; the message holds its error and output."""
+
+
+class Supervisor:
+    """Serve ``socket_path`` until stopped (``serve()`` returns the exit status)."""
+
+    def __init__(self, socket_path: str, *, model: str = "tiny-gpt2", device: str = "auto",
+                 policy: str | None = None, confine: str = "best-effort", timeout: float | None = None,
+                 memory_limit: int | None = None, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
+                 handlers: tuple[str, ...] = (), start_timeout: float = 600.0,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, owner_pid: int | None = None, log=sys.stderr):
+        self.socket_path = os.path.abspath(socket_path)
+        self.model, self.device, self.policy, self.confine = model, device, policy, confine
+        self.timeout, self.memory_limit = timeout, memory_limit
+        self.shm_threshold, self.handlers, self.start_timeout = shm_threshold, handlers, start_timeout
+        self.cache = BlobCache(cache_bytes)
+        self.owner_pid = owner_pid
+        self._owner_checked = 0.0
+        self.log = log
+        self.worker: WorkerHandle | None = None
+        self.state = "starting"
+        self.started_at = time.time()
+        self.served = self.restarts = 0
+        self.last_crash: str | None = None
+        self._ready = threading.Event()
+        self._start_error: str | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Condition()
+        self._rotation: collections.deque[ClientSession] = collections.deque()
+        self._clients: dict[int, ClientSession] = {}
+        self._client_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self._running: tuple[ClientSession, int] | None = None
+        self._listener: socket.socket | None = None
+
+    def _say(self, text: str) -> None:
+        try:
+            print(f"sourcebox supervisor {os.getpid()}: {text}", file=self.log, flush=True)
+        except (OSError, ValueError):
+            pass  # whoever read our output is gone; serving goes on
+
+    # -- entry -------------------------------------------------------------------------
+    def serve(self) -> int:
+        self._listener = _listen(self.socket_path)
+        removed = shm.sweep_orphans()
+        if removed:
+            self._say(f"removed {len(removed)} shared-memory segments of dead processes")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop())
+        threading.Thread(target=self._accept, daemon=True, name="accept").start()
+        try:
+            self._schedule()
+            return 0
+        except StartFailed as exc:
+            self._start_error = str(exc)
+            self._ready.set()
+            self._say(f"the worker could not start: {exc}")
+            self._fail_queued(failure(errors.START, str(exc)))
+            return 3
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            self._lock.notify_all()
+
+    # -- the worker --------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        self.state = "starting" if not self._ready.is_set() else "restarting"
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        scratch = tempfile.mkdtemp(prefix="sourcebox-scratch-")
+        argv = [sys.executable, "-m", "runner.worker", "--channel-fd", str(child_end.fileno()),
+                "--parent-pid", str(os.getpid()), "--model", self.model, "--device", self.device,
+                "--confine", self.confine, "--handlers", ",".join(self.handlers),
+                "--shm-threshold", str(self.shm_threshold), "--scratch", scratch]
+        if self.policy:
+            argv += ["--policy", self.policy]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), PACKAGE_ROOT]))
+        # cwd is the scratch directory so `-m` puts nothing of the user's on sys.path.
+        popen = subprocess.Popen(argv, pass_fds=(child_end.fileno(),), cwd=scratch, env=env,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        child_end.close()
+        worker = WorkerHandle(popen, Connection(parent_end), scratch)
+        worker.pump = threading.Thread(target=self._pump_output, args=(worker,), daemon=True, name="worker-output")
+        worker.pump.start()
+        try:
+            worker.conn.greet(peer=f"worker pid {worker.pid}")
+            message = self._wait_message(worker, time.monotonic() + self.start_timeout, "start")
+        except (_WorkerLost, ProtocolError, OSError) as exc:
+            self._dispose(worker)
+            raise StartFailed(f"{exc}\n{worker.output_tail()}".strip()) from None
+        if message.kind != "ready":
+            self._dispose(worker)
+            raise StartFailed(f"{message.meta.get('error')}\n{worker.output_tail()}".strip())
+        worker.info = message.meta
+        worker.last_ping = time.monotonic()
+        self.worker = worker
+        self.state = "ready"
+        self._ready.set()
+        self._say(f"worker {worker.pid} ready in {message.meta.get('load_seconds', 0):.1f}s")
+
+    def _pump_output(self, worker: WorkerHandle) -> None:
+        for raw in iter(worker.popen.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            worker.tail.append(line)
+            try:
+                self.log.write(line)
+                self.log.flush()
+            except (OSError, ValueError):
+                pass
+
+    def _wait_message(self, worker: WorkerHandle, deadline: float, what: str,
+                      wanted_id: int | None = None) -> Message:
+        """The next message from the worker that is not a stats report, checking its
+        health, memory and ``deadline`` while waiting. Raises ``_WorkerLost``."""
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise _WorkerLost(errors.TIMEOUT if what == "request" else errors.CRASHED,
+                                  {"request": "the request ran past its time limit",
+                                   "start": f"the worker did not become ready in {self.start_timeout:g}s",
+                                   "ping": f"the worker did not answer a ping in {_PING_TIMEOUT:g}s"}[what])
+            self._check_memory(worker)
+            readable, _, _ = select.select([worker.conn.sock], [], [], min(_POLL_SECONDS, deadline - now))
+            if not readable:
+                if worker.popen.poll() is not None:
+                    raise _WorkerLost(errors.CRASHED, "the worker died")
+                continue
+            try:
+                message = worker.conn.recv()
+            except (ProtocolError, OSError):
+                raise _WorkerLost(errors.CRASHED, "the worker died") from None
+            if message.kind == "stats":
+                worker.gpu_bytes = message.meta.get("gpu")
+                continue
+            if wanted_id is not None and message.id != wanted_id:
+                continue  # a late pong
+            return message
+
+    def _check_memory(self, worker: WorkerHandle) -> None:
+        if self.memory_limit is None:
+            return
+        try:
+            rss = psutil.Process(worker.pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            return  # its death shows up on the socket
+        for what, used in (("RSS", rss), ("GPU memory", worker.gpu_bytes)):
+            if used is not None and used > self.memory_limit:
+                raise _WorkerLost(errors.MEMORY, f"the worker's {what} of {_mib(used)} went past "
+                                                 f"the memory limit of {_mib(self.memory_limit)}")
+
+    def _kill(self, worker: WorkerHandle) -> int:
+        if worker.popen.poll() is None:
+            worker.popen.kill()
+        return worker.popen.wait()
+
+    def _dispose(self, worker: WorkerHandle) -> int:
+        """Kill (if needed) and reap a worker, and remove what it leaves behind."""
+        returncode = self._kill(worker)
+        worker.conn.close()
+        worker.pump.join(timeout=5)  # its last lines belong in the crash report
+        worker.popen.stdout.close()
+        for name in shm.owned_by(worker.pid):
+            shm.unlink(name)
+        shutil.rmtree(worker.scratch, ignore_errors=True)
+        with self._lock:
+            for client in self._clients.values():
+                client.leases.clear()  # the new worker owns none of them
+        return returncode
+
+    def _lose_worker(self, lost: _WorkerLost) -> dict:
+        worker, self.worker = self.worker, None
+        returncode = self._dispose(worker)
+        self.restarts += 1
+        self.last_crash = f"{lost.reason} ({describe_exit(returncode)})"
+        self._say(f"worker {worker.pid}: {self.last_crash}; restarting")
+        return failure(lost.category, lost.reason, returncode=returncode, stderr_tail=worker.output_tail())
+
+    def _restart(self) -> None:
+        for attempt in range(1, _RESTART_ATTEMPTS + 1):
+            try:
+                self._start_worker()
+                return
+            except StartFailed as exc:
+                if attempt == _RESTART_ATTEMPTS:
+                    raise
+                self._say(f"restart attempt {attempt} failed: {exc}")
+                time.sleep(attempt)
+
+    # -- scheduling --------------------------------------------------------------------
+    def _schedule(self) -> None:
+        self._start_worker()
+        while not self._stopping.is_set():
+            if self.worker is None:
+                self._restart()
+            item = self._take()
+            try:
+                if item is None:
+                    self._idle_check()
+                else:
+                    self._execute(*item)
+            except _WorkerLost as lost:
+                outcome = self._lose_worker(lost)
+                if item is not None:
+                    self._reply_failure(item[0], item[1].id, outcome)
+
+    def _take(self) -> tuple[ClientSession, Message] | None:
+        with self._lock:
+            if not self._rotation and not self._stopping.is_set():
+                self._lock.wait(_POLL_SECONDS * 4)
+            while self._rotation:
+                client = self._rotation.popleft()
+                if not client.queue:
+                    continue
+                message = client.queue.popleft()
+                if client.queue:
+                    self._rotation.append(client)
+                self._running = (client, message.id)
+                return client, message
+            return None
+
+    def _idle_check(self) -> None:
+        now = time.monotonic()
+        if self.owner_pid is not None and now - self._owner_checked > 1.0:
+            self._owner_checked = now
+            if not shm.alive(self.owner_pid):
+                self._say(f"owner process {self.owner_pid} is gone; stopping")
+                self.stop()
+                return
+        worker = self.worker
+        if worker.popen.poll() is not None:
+            raise _WorkerLost(errors.CRASHED, "the worker died while idle")
+        self._check_memory(worker)
+        if time.monotonic() - worker.last_ping < _PING_INTERVAL:
+            return
+        ping_id = next(self._request_ids)
+        worker.conn.send("ping", ping_id)
+        self._wait_message(worker, time.monotonic() + _PING_TIMEOUT, "ping", ping_id)
+        worker.last_ping = time.monotonic()
+
+    def _execute(self, client: ClientSession, message: Message) -> None:
+        if not client.alive:  # it left after its request was taken from the queue
+            with self._lock:
+                self._running = None
+            return
+        worker = self.worker
+        meta = message.meta
+        request_id = next(self._request_ids)
+        timeout = meta.get("timeout") or self.timeout
+        deadline = time.monotonic() + timeout if timeout else float("inf")
+        try:
+            worker.conn.send("request", request_id, {
+                "kind": meta["kind"], "form": meta.get("form", "frames"), "reply": meta.get("reply", "frames"),
+                "dropped": meta.get("dropped", []),
+            }, message.frames)
+        except OSError:
+            raise _WorkerLost(errors.CRASHED, "the worker died") from None
+        reply = self._wait_message(worker, deadline, "request", request_id)
+        worker.last_ping = time.monotonic()
+        self.served += 1
+        with self._lock:
+            self._running = None
+        leases = set(reply.segments.values())
+        if client.alive:
+            client.leases |= leases
+            try:
+                client.conn.send(reply.kind, message.id, reply.meta, reply.frames)
+                return
+            except OSError:
+                self._client_gone(client)
+        if leases:  # nobody will copy the result out: the segment is free again
+            worker.conn.send("release", 0, {"names": sorted(leases)})
+
+    def _reply_failure(self, client: ClientSession, request_id: int, info: dict) -> None:
+        with self._lock:
+            self._running = None
+        if client.alive:
+            try:
+                client.conn.send("error", request_id, {"error": info})
+            except OSError:
+                self._client_gone(client)
+
+    def _fail_queued(self, info: dict) -> None:
+        with self._lock:
+            pending = [(client, message) for client in self._clients.values() for message in client.queue]
+            for client in self._clients.values():
+                client.queue.clear()
+            self._rotation.clear()
+        for client, message in pending:
+            self._reply_failure(client, message.id, info)
+
+    # -- clients -----------------------------------------------------------------------
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve_client, args=(sock,), daemon=True, name="client").start()
+
+    def _serve_client(self, sock: socket.socket) -> None:
+        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        # Replies to a client that stopped reading must not stall everyone else.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(_CLIENT_SEND_TIMEOUT), 0))
+        conn = Connection(sock)
+        try:
+            conn.greet(peer=f"client pid {pid}")
+            client = self._welcome(conn, pid)
+        except (ProtocolError, OSError) as exc:
+            if isinstance(exc, ProtocolVersionError):
+                self._say(f"refused client pid {pid}: {exc}")
+            conn.close()
+            return
+        try:
+            while True:
+                try:
+                    message = conn.recv()
+                except BadMessage as exc:
+                    conn.send("error", exc.request_id or 0, {"error": failure(errors.RUNNER, str(exc))})
+                    continue
+                if not self._handle(client, message):
+                    return
+        except ProtocolError as exc:
+            if not isinstance(exc, ConnectionClosed):
+                self._say(f"dropped client pid {pid}: {exc}")
+                try:
+                    conn.send("error", 0, {"error": failure(errors.RUNNER, f"connection dropped: {exc}")})
+                except OSError:
+                    pass
+        except OSError:
+            pass
+        finally:
+            self._client_gone(client)
+
+    def _welcome(self, conn: Connection, pid: int) -> ClientSession:
+        hello = conn.recv()
+        token = hello.meta.get("token")
+        if hello.kind != "hello" or not (isinstance(token, str) and shm.NAME_PATTERN.match(f"sbx-{pid}-{token}-0")):
+            raise BadMessage("the first message must be a hello carrying the client's 8-hex-digit pool token")
+        client = ClientSession(next(self._client_ids), conn, pid, prefix=f"{shm.PREFIX}-{pid}-{token}-")
+        with self._lock:
+            self._clients[client.id] = client
+        conn.send("welcome", hello.id, {
+            "protocol": PROTOCOL_VERSION, "server_pid": os.getpid(), "model": self.model, "policy": self.policy,
+            "device": self.device, "shm_threshold": self.shm_threshold, "state": self.state,
+        })
+        return client
+
+    def _handle(self, client: ClientSession, message: Message) -> bool:
+        """Act on one client message; ``False`` ends the connection."""
+        kind = message.kind
+        if kind == "request":
+            self._enqueue(client, message)
+        elif kind == "release":
+            names = [name for name in message.meta.get("names", ()) if name in client.leases]
+            client.leases.difference_update(names)
+            worker = self.worker
+            if names and worker is not None:
+                try:
+                    worker.conn.send("release", 0, {"names": names})
+                except OSError:
+                    pass  # the worker is gone; its segments went with it
+        elif kind == "ping":
+            client.conn.send("pong", message.id)
+        elif kind == "status":
+            client.conn.send("status", message.id, self.status())
+        elif kind == "wait_ready":
+            self._ready.wait()
+            if self._start_error is not None:
+                client.conn.send("error", message.id, {"error": failure(errors.START, self._start_error)})
+                return False
+            client.conn.send("ready", message.id, self.status())
+        elif kind == "stop":
+            client.conn.send("stopping", message.id)
+            self.stop()
+        else:
+            client.conn.send("error", message.id, {"error": failure(
+                errors.RUNNER, f"unknown message kind {kind!r} (expected request, release, ping, "
+                               "status, wait_ready or stop)")})
+        return True
+
+    def _enqueue(self, client: ClientSession, message: Message) -> None:
+        problem = _request_problem(message.meta, client.prefix)
+        if problem is None:
+            problem = next((f"frame {i} names segment {f.name!r}, which is not this client's"
+                            for i, f in enumerate(message.frames)
+                            if isinstance(f, SharedRef) and not f.name.startswith(client.prefix)), None)
+        if problem is not None:
+            client.conn.send("error", message.id, {"error": failure(errors.RUNNER, f"bad request: {problem}")})
+            return
+        for index, digest in message.offered.items():
+            self.cache.offer(digest, message.frames[index])
+        frames, missing = [], []
+        for frame in message.frames:
+            if isinstance(frame, CachedRef):
+                blob = self.cache.get(frame.digest)
+                if blob is None or len(blob) != frame.length:
+                    missing.append(frame.digest)
+                frame = blob
+            frames.append(frame)
+        if missing:
+            # Answered, never an error: the client sends those frames again in full.
+            client.conn.send("miss", message.id, {"missing": missing})
+            return
+        detached = Message(message.kind, message.id, message.meta, frames, {}, message.segments).detach()
+        with self._lock:
+            if self._stopping.is_set():
+                stopping = True
+            else:
+                stopping = False
+                client.queue.append(detached)
+                if client not in self._rotation:
+                    self._rotation.append(client)
+                self._lock.notify_all()
+        if stopping:
+            client.conn.send("error", message.id, {"error": failure(errors.STOPPED, "the worker server is stopping")})
+
+    def _client_gone(self, client: ClientSession) -> None:
+        with self._lock:
+            if not client.alive:
+                return
+            client.alive = False
+            client.queue.clear()
+            self._clients.pop(client.id, None)
+            leases, client.leases = sorted(client.leases), set()
+        client.conn.close()
+        worker = self.worker
+        if worker is not None:
+            try:
+                if leases:
+                    worker.conn.send("release", 0, {"names": leases})
+                worker.conn.send("forget", 0, {"prefix": client.prefix})
+            except OSError:
+                pass
+        # The survivor cleans up: whatever the client left in /dev/shm goes now.
+        shm.unlink_matching(client.prefix)
+
+    # -- status and shutdown -----------------------------------------------------------
+    def status(self) -> dict:
+        worker = self.worker
+        rss = None
+        if worker is not None:
+            try:
+                rss = psutil.Process(worker.pid).memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        with self._lock:
+            queued = sum(len(client.queue) for client in self._clients.values())
+            clients = len(self._clients)
+            running = self._running is not None
+        info = worker.info if worker is not None else {}
+        return {
+            "protocol": PROTOCOL_VERSION, "state": self.state, "socket": self.socket_path,
+            "server_pid": os.getpid(), "worker_pid": worker.pid if worker is not None else None,
+            "model": self.model, "device": info.get("device", self.device),
+            "policy": info.get("policy", self.policy), "sandbox": info.get("sandbox"),
+            "kinds": info.get("kinds", []), "uptime": time.time() - self.started_at,
+            "served": self.served, "restarts": self.restarts, "last_crash": self.last_crash,
+            "clients": clients, "queued": queued, "running": running, "rss": rss,
+            "gpu": worker.gpu_bytes if worker is not None else None,
+            "memory_limit": self.memory_limit, "timeout": self.timeout,
+            "shm_threshold": self.shm_threshold, "cache": self.cache.stats(),
+        }
+
+    def _shutdown(self) -> None:
+        self.state = "stopping"
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+        self._fail_queued(failure(errors.STOPPED, "the worker server stopped before this request ran"))
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            try:
+                worker.conn.send("stop", 0)
+                worker.popen.wait(_STOP_GRACE)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            self._dispose(worker)
+        with self._lock:
+            clients = list(self._clients.values())
+        for client in clients:
+            self._client_gone(client)
+
+
+def _request_problem(meta: dict, prefix: str) -> str | None:
+    if not isinstance(meta.get("kind"), str):
+        return "meta 'kind' (the request kind) must be a string"
+    if meta.get("form", "frames") not in ("frames", "bytes") or meta.get("reply", "frames") not in ("frames", "bytes"):
+        return "meta 'form' and 'reply' must be 'frames' or 'bytes'"
+    timeout = meta.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        return f"meta 'timeout' must be a positive number of seconds, got {timeout!r}"
+    dropped = meta.get("dropped", [])
+    if not isinstance(dropped, list) or not all(isinstance(n, str) and n.startswith(prefix) for n in dropped):
+        return "meta 'dropped' must list segment names of this client"
+    return None
+
+
+def _listen(path: str) -> socket.socket:
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # left over from a server that died
+        else:
+            raise RuntimeError(f"a worker server already listens at {path}; stop it first "
+                               f"(python -m runner stop {path}) or pick another socket path")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket is the worker's front door: owner only
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    return listener
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"

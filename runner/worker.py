@@ -1,0 +1,230 @@
+"""The worker process: loads the model once, enters the sandbox, then serves requests.
+
+It is started by the supervisor (``runner.supervisor``), never by users directly, and
+talks only to it, over one inherited Unix socket. Start-up order matters:
+
+1. imports and the model load (files, threads and libraries the sandbox would refuse),
+2. ``sandbox.enter``: the one seam where confinement starts (seccomp, Landlock, rlimits,
+   scrubbed ``sys.path``); nothing user-supplied has run before it,
+3. the ``ready`` message, then one request at a time.
+
+Each request's bundle is decoded by ``capture`` under the policy into fresh namespaces,
+handed to its handler (``runner.handlers``), and the result encoded back. Large frames
+of the request are zero-copy views of the client's shared memory (lent until the reply);
+large frames of the result go into this process's own pool, leased until the client has
+copied them out.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import importlib.util
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+
+import capture
+import sandbox
+
+from . import handlers
+from . import errors as errors_module
+from .errors import BadMessage, ProtocolError, describe, failure
+from .protocol import Connection, ConnectionClosed
+from .shm import SegmentMap, SegmentPool
+
+_PR_SET_PDEATHSIG = 1
+# Frames of our own machinery are not the user's: tracebacks skip them.
+_OWN_DIRS = tuple(os.path.dirname(package.__file__) + os.sep for package in (capture, sandbox, handlers))
+_GPU_REPORT_SECONDS = 0.5
+
+
+class _ClientDestination:
+    """Where results go: the client, which has every module the worker could name, so
+    objects from any module travel by reference."""
+
+    name = "client"
+
+    def provides(self, module: str) -> bool:
+        return True
+
+
+class Worker:
+    def __init__(self, conn: Connection, context: handlers.Context):
+        self.conn = conn
+        self.context = context
+        self._destination = _ClientDestination()
+
+    # -- tokens standing for the model -------------------------------------------------
+    def _persistent_load(self, token: str):
+        if token != handlers.MODEL_TOKEN:
+            raise capture.BundleError(f"unknown object token {token!r} in a request")
+        if self.context.model is None:
+            raise LookupError("this worker hosts no model (started with --model none); "
+                              "start one with a model to use runner.MODEL")
+        return self.context.model
+
+    def _persistent_id(self, obj):
+        if obj is self.context.model and obj is not None:
+            return handlers.MODEL_TOKEN
+        return None
+
+    # -- the loop ----------------------------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except ConnectionClosed:
+                return
+            except BadMessage as exc:  # only the supervisor talks to us; still, fail just this one
+                self.conn.send("error", exc.request_id or 0, {"error": failure(errors_module.RUNNER, str(exc))})
+                continue
+            if message.kind == "request":
+                self._run(message)
+            elif message.kind == "release":
+                for name in message.meta.get("names", ()):
+                    self.conn.pool.release(name)
+            elif message.kind == "forget":
+                self.conn.segments.forget_prefix(message.meta["prefix"])
+            elif message.kind == "ping":
+                self.conn.send("pong", message.id)
+            elif message.kind == "stop":
+                return
+            else:
+                self.conn.send("error", message.id, {"error": failure(
+                    errors_module.RUNNER, f"the worker got an unknown message kind {message.kind!r}")})
+
+    def _run(self, message) -> None:
+        meta = message.meta
+        self.conn.segments.forget(meta.get("dropped", ()))
+        try:
+            handler = handlers.lookup(meta.get("kind"))
+            # Inline frames borrow the receive buffer, which the next message reuses: they
+            # get a private copy (writable, so capture need not copy again); shared frames
+            # are the client's segment, lent until our reply, and stay zero-copy.
+            request_frames = [frame if index in message.segments else memoryview(bytearray(frame))
+                              for index, frame in enumerate(message.frames)]
+            payload = self._decode(meta.get("form"), request_frames)
+            result = handler(self.context, payload)
+            bundle = capture.encode(result, policy=self._destination, persistent_id=self._persistent_id,
+                                    label="result")
+            frames = [bundle.to_bytes()] if meta.get("reply") == "bytes" else [bundle.header, *bundle.frames]
+        except BaseException as exc:  # user code may raise anything, PolicyKill included
+            self.conn.send("error", message.id, {"error": describe(exc, skip_dirs=_OWN_DIRS)})
+            return
+        # The segment named in the reply's shared frames stays leased until the client
+        # (through the supervisor) sends it back in a "release"; "dropped" names the
+        # segments we unlinked, so the client unmaps them.
+        self.conn.send("reply", message.id, {"dropped": self.conn.pool.dropped()}, frames)
+
+    def _decode(self, form, frames):
+        if form == "bytes":
+            if len(frames) != 1:
+                raise BadMessage(f"a request in bytes form has one frame, not {len(frames)}")
+            return capture.loads(frames[0], policy=self.context.policy, persistent_load=self._persistent_load)
+        if form != "frames" or not frames:
+            raise BadMessage(f"unknown request form {form!r} (expected 'frames' or 'bytes')")
+        return capture.decode(frames[0], frames[1:], policy=self.context.policy,
+                              persistent_load=self._persistent_load)
+
+    def report_gpu_memory(self, torch) -> None:
+        """Send the CUDA memory reserved by this process every half second, so the
+        supervisor can hold it to the memory limit even while a request runs."""
+        while True:
+            time.sleep(_GPU_REPORT_SECONDS)
+            try:
+                self.conn.send("stats", 0, {"gpu": torch.cuda.memory_reserved()})
+            except OSError:
+                return
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Be killed when the supervisor dies, even if this process is stuck in C code."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _load_model(spec: str, device: str):
+    """The model (or ``None`` for spec ``none``), its directory, and the device it is on."""
+    if spec == "none":
+        return None, None, "cpu" if device == "auto" else device
+    from . import models
+
+    model = models.load(spec, device)
+    parameter = next(model._module.parameters(), None)
+    return model, models.path(spec), str(parameter.device) if parameter is not None else device
+
+
+def _import_extensions(extra: list[str]) -> None:
+    for name in (*handlers.EXTENSIONS, *extra):
+        if name in handlers.EXTENSIONS and importlib.util.find_spec(name) is None:
+            continue
+        importlib.import_module(name)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m runner.worker",
+                                     description="sourcebox worker process (started by the supervisor)")
+    parser.add_argument("--channel-fd", type=int, required=True, help="inherited socket to the supervisor")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--model", default="tiny-gpt2")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--policy", default=None)
+    parser.add_argument("--confine", default="best-effort", choices=("best-effort", "required", "off"))
+    parser.add_argument("--handlers", default="", help="comma-separated modules that register request kinds")
+    parser.add_argument("--shm-threshold", type=int, required=True)
+    parser.add_argument("--scratch", required=True, help="the one directory user code may write")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _die_with_parent(args.parent_pid)
+    sock = socket.socket(fileno=args.channel_fd)
+    pool, segments = SegmentPool(), SegmentMap()
+    conn = Connection(sock, pool=pool, segments=segments, shm_threshold=args.shm_threshold)
+    try:
+        conn.greet(peer="the supervisor")
+        try:
+            started = time.monotonic()
+            policy = sandbox.Policy.load(args.policy)
+            model, model_dir, device = _load_model(args.model, args.device)
+            _import_extensions([name for name in args.handlers.split(",") if name])
+            loaded = time.monotonic() - started
+            report = sandbox.enter(policy, scratch=args.scratch, read_paths=(model_dir,) if model_dir else (),
+                                   confine=args.confine)
+        except BaseException as exc:
+            conn.send("failed", 0, {"error": f"{type(exc).__name__}: {exc}",
+                                    "traceback": traceback.format_exc()})
+            return 3
+        worker = Worker(conn, handlers.Context(model=model, policy=policy, device=device, model_spec=args.model))
+        if device.startswith("cuda"):
+            import torch
+
+            threading.Thread(target=worker.report_gpu_memory, args=(torch,), daemon=True,
+                             name="gpu-memory").start()
+        print(f"sourcebox worker {os.getpid()}: model {args.model} on {device} loaded in {loaded:.1f}s; "
+              f"policy {policy.name}; {report}", file=sys.stderr, flush=True)
+        conn.send("ready", 0, {
+            "pid": os.getpid(), "device": device, "policy": policy.name, "model": args.model,
+            "sandbox": str(report), "load_seconds": loaded, "kinds": handlers.kinds(),
+        })
+        worker.serve()
+        return 0
+    except (ProtocolError, OSError) as exc:
+        print(f"sourcebox worker {os.getpid()}: connection to the supervisor failed: {exc}",
+              file=sys.stderr, flush=True)
+        return 2
+    finally:
+        pool.close()
+        segments.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The embedded model: built offline, deterministic, safe to build concurrently, opens with plain nnsight."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner import models
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Builds (or finds) the model in the cache named by SOURCEBOX_CACHE, then prints the
+# directory and the digest of every file in it.
+_BUILD_AND_DIGEST = """
+import hashlib, json, os, sys
+from runner import models
+directory = models.path(sys.argv[1])
+digests = {name: hashlib.sha256(open(os.path.join(directory, name), 'rb').read()).hexdigest()
+           for name in sorted(os.listdir(directory))}
+print(json.dumps({"path": directory, "digests": digests}))
+"""
+
+
+def _start_build(cache: Path, spec: str = "tiny-gpt2") -> subprocess.Popen:
+    environment = {**os.environ, "SOURCEBOX_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", _BUILD_AND_DIGEST, spec],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(process: subprocess.Popen) -> dict:
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_concurrent_first_use_and_separate_machines_give_identical_weights(tmp_path):
+    shared_cache, other_cache = tmp_path / "shared", tmp_path / "other"
+    racers = [_start_build(shared_cache), _start_build(shared_cache)]
+    elsewhere = _start_build(other_cache)
+    first, second = (_finish(process) for process in racers)
+    separate = _finish(elsewhere)
+
+    assert first["path"] == second["path"]
+    assert first["digests"] == second["digests"]
+    # A build in another cache stands for another machine: same bytes, file for file.
+    assert separate["digests"] == first["digests"]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(first["digests"])
+    # The losing racer's staging directory is gone; only the finished model remains.
+    assert [entry.name for entry in (shared_cache / "models").iterdir()] == [Path(first["path"]).name]
+
+
+def test_plain_language_model_and_auto_tokenizer_open_the_directory_and_trace(tiny_model_path):
+    import torch
+    from nnsight import LanguageModel
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    ids = tokenizer("Hello world, the model reads tokens")["input_ids"]
+    assert tokenizer.decode(ids) == "Hello world, the model reads tokens"
+
+    with pytest.warns(FutureWarning, match="LanguageModel is deprecated"):
+        model = LanguageModel(tiny_model_path)
+    with model.trace("Hello world"):
+        hidden = model.transformer.h[1].output.save()
+        logits = model.lm_head.output.save()
+    assert hidden.shape == (1, len(tokenizer("Hello world")["input_ids"]), 64)
+    assert logits.shape[-1] == len(tokenizer)
+    assert torch.isfinite(logits).all()
+
+
+def test_load_gives_the_worker_the_same_model_as_the_client(tiny_model_path):
+    import torch
+    from nnsight import LanguageModel
+
+    worker_model = models.load("tiny-gpt2", device="cpu")
+    with pytest.warns(FutureWarning):
+        client_model = LanguageModel(tiny_model_path)
+    with worker_model.trace("The Eiffel Tower is in"):
+        served = worker_model.lm_head.output.save()
+    with client_model.trace("The Eiffel Tower is in"):
+        local = client_model.lm_head.output.save()
+    assert torch.equal(served, local)
+    assert next(worker_model._module.parameters()).device.type == "cpu"
+
+
+def test_layer_count_is_part_of_the_spec(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCEBOX_CACHE", str(tmp_path))
+    deep = models.path("tiny-gpt2-12l")
+    assert json.loads((Path(deep) / "config.json").read_text())["n_layer"] == 12
+    assert Path(deep).name.startswith("tiny-gpt2-12l-")
+
+
+def test_existing_directory_is_returned_as_is(tiny_model_path):
+    assert models.path(tiny_model_path) == tiny_model_path
+    relative = os.path.relpath(tiny_model_path)
+    assert models.path(relative) == tiny_model_path
+
+
+@pytest.mark.parametrize("spec", ["gpt2-xl", "tiny-gpt2-0l", "./no/such/model"])
+def test_unknown_spec_names_the_valid_ones(spec):
+    with pytest.raises(models.UnknownModelSpec) as failure:
+        models.path(spec)
+    message = str(failure.value)
+    assert repr(spec) in message
+    assert "'tiny-gpt2'" in message and "tiny-gpt2-<N>l" in message and "local Hugging Face model directory" in message
+
+
+def test_cpu_only_machine_refuses_cuda_clearly():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        models.load("tiny-gpt2", device="cuda")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_path():
+    return models.path("tiny-gpt2")

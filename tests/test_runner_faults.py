@@ -1,0 +1,202 @@
+"""Faults and fairness with real processes: kill -9 of the worker, of a client and of the
+server; clean stops; timeouts and memory limits; several client processes at once.
+After each, /dev/shm must hold nothing of the dead process."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import runner
+from runner import shm
+
+POLICY = "nnsight-local"
+
+CLIENT_SCRIPT = textwrap.dedent('''\
+    import sys
+    import time
+
+    import torch
+
+    import runner
+
+
+    def slow(seconds, tensor):
+        time.sleep(seconds)
+        return float(tensor.sum())
+
+
+    def echo(value):
+        return value
+
+
+    mode, path = sys.argv[1], sys.argv[2]
+    with runner.Worker(socket=path) as worker:
+        if mode == "slow":  # a large argument (in our shared memory), then a long request
+            print("calling", flush=True)
+            print(worker.call(slow, float(sys.argv[3]), torch.ones(1 << 20)), flush=True)
+        else:
+            for i in range(int(sys.argv[3])):
+                tensor = torch.full((1 << 16,), float(i))
+                assert torch.equal(worker.call(echo, tensor), tensor)
+            print("ok", flush=True)
+    ''')
+
+
+def sleep_for(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def big_tensor(n):
+    return torch.ones(n)
+
+
+def hold_memory(nbytes, seconds):
+    block = bytearray(nbytes)  # zero-filled: every page is touched
+    time.sleep(seconds)
+    return len(block)
+
+
+def tagged(tag, seconds):
+    time.sleep(seconds)
+    return tag, time.monotonic()
+
+
+@pytest.fixture
+def client_script(tmp_path):
+    path = tmp_path / "client_proc.py"
+    path.write_text(CLIENT_SCRIPT)
+    return path
+
+
+def spawn_client(script, *args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(condition, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_kill_9_of_the_worker_fails_the_running_request_and_serves_the_queue(client_script):
+    with runner.Worker(model="none", policy=POLICY) as worker:
+        old_pid = worker.status()["worker_pid"]
+        kept = worker.call(big_tensor, 1 << 20)  # a result still viewing the worker's segment
+        assert shm.owned_by(old_pid)
+        running = worker.submit(sleep_for, 60)
+        wait_until(lambda: worker.status()["running"], what="the request to start")
+        others = [spawn_client(client_script, "many", worker.socket_path, 5) for _ in range(2)]
+        wait_until(lambda: worker.status()["clients"] >= 3, what="the other clients to connect")
+        os.kill(old_pid, signal.SIGKILL)
+        with pytest.raises(runner.WorkerCrashed) as caught:
+            running.result(timeout=60)
+        assert caught.value.returncode == -signal.SIGKILL and "signal 9 (SIGKILL)" in str(caught.value)
+        for other in others:
+            out, err = other.communicate(timeout=120)
+            assert other.returncode == 0 and out.strip() == "ok", err
+        status = worker.status()
+        assert status["restarts"] == 1 and status["worker_pid"] != old_pid
+        assert shm.owned_by(old_pid) == []
+        assert torch.all(kept == 1)  # our mapping outlives the segment's name
+        assert worker.call(sleep_for, 0) == 0
+
+
+def test_kill_9_of_a_client_mid_request_leaves_no_segment_and_disturbs_no_one(client_script):
+    with runner.Worker(model="none", policy=POLICY) as worker:
+        victim = spawn_client(client_script, "slow", worker.socket_path, 2)
+        assert victim.stdout.readline().strip() == "calling"
+        wait_until(lambda: shm.owned_by(victim.pid) and worker.status()["running"],
+                   what="the victim's request to run")
+        victim.kill()
+        victim.communicate()
+        wait_until(lambda: shm.owned_by(victim.pid) == [], what="the server to clean up after the client")
+        assert worker.call(sleep_for, 0) == 0
+        wait_until(lambda: worker.status()["clients"] == 1, what="the client to be forgotten")
+        assert worker.status()["restarts"] == 0
+
+
+def test_clean_stop_leaves_nothing_behind():
+    worker = runner.Worker(model="none", policy=POLICY)
+    result = worker.call(big_tensor, 1 << 20)
+    assert worker.call(sleep_for, 0) == 0
+    status = worker.status()
+    worker.close()
+    assert shm.owned_by(status["worker_pid"]) == [] and shm.owned_by(os.getpid()) == []
+    assert not os.path.exists(worker.socket_path)
+    assert torch.all(result == 1)
+
+
+def test_kill_9_of_the_server_takes_the_worker_along_and_the_client_cleans_up():
+    worker = runner.Worker(model="none", policy=POLICY)
+    try:
+        worker_pid = worker.status()["worker_pid"]
+        worker.call(big_tensor, 1 << 20)
+        running = worker.submit(sleep_for, 60)
+        wait_until(lambda: shm.owned_by(worker_pid), what="the worker's segment")
+        os.kill(worker.server_pid, signal.SIGKILL)
+        with pytest.raises(runner.WorkerCrashed, match="lost the connection"):
+            running.result(timeout=30)
+        wait_until(lambda: not shm.alive(worker_pid), what="the worker to die with its server")
+        wait_until(lambda: shm.owned_by(worker_pid) == [], what="the client to sweep the dead worker's segments")
+        with pytest.raises(runner.WorkerCrashed):
+            worker.call(sleep_for, 0)
+    finally:
+        worker.close()
+
+
+def test_a_request_past_its_timeout_kills_and_restarts_the_worker():
+    with runner.Worker(model="none", policy=POLICY, timeout=1.0) as worker:
+        old_pid = worker.status()["worker_pid"]
+        started = time.monotonic()
+        with pytest.raises(runner.RequestTimeout, match="time limit"):
+            worker.call(sleep_for, 60)
+        assert time.monotonic() - started < 20
+        assert worker.call(sleep_for, 0.1) == 0.1
+        status = worker.status()
+        assert status["restarts"] == 1 and status["worker_pid"] != old_pid
+        assert shm.owned_by(old_pid) == []
+
+
+def test_memory_past_the_limit_kills_and_restarts_the_worker():
+    limit = 1 << 30
+    with runner.Worker(model="none", policy=POLICY, memory_limit=limit) as worker:
+        assert worker.call(hold_memory, 1 << 20, 0) == 1 << 20
+        with pytest.raises(runner.MemoryLimitExceeded, match="memory limit of 1024 MiB"):
+            worker.call(hold_memory, 2 * limit, 30)
+        assert worker.call(hold_memory, 1 << 20, 0) == 1 << 20
+        assert worker.status()["restarts"] == 1
+
+
+def test_several_client_processes_at_once(client_script):
+    with runner.Worker(model="none", policy=POLICY) as worker:
+        clients = [spawn_client(client_script, "many", worker.socket_path, 20) for _ in range(3)]
+        for client in clients:
+            out, err = client.communicate(timeout=120)
+            assert client.returncode == 0 and out.strip() == "ok", err
+        assert worker.status()["served"] >= 60
+        for client in clients:
+            assert shm.owned_by(client.pid) == []
+
+
+def test_queued_requests_are_taken_round_robin_across_clients():
+    with runner.Worker(model="none", policy=POLICY) as first:
+        with runner.Worker(socket=first.socket_path) as second:
+            busy = [first.submit(tagged, f"first-{n}", 0.2) for n in range(5)]
+            wait_until(lambda: first.status()["queued"] >= 4, what="the first client's queue")
+            late = second.submit(tagged, "second", 0.0)
+            finished = sorted([f.result(timeout=60) for f in busy] + [late.result(timeout=60)],
+                              key=lambda pair: pair[1])
+            order = [tag for tag, _ in finished]
+            # One of the first client's requests runs, then the second client's turn comes
+            # before the first client's queue is drained.
+            assert order.index("second") <= 2, order
