@@ -30,7 +30,7 @@ def describe(data: bytes) -> str:
     described = {}
     for node in header["nodes"]:
         if node[0] == fmt.TENSOR:
-            meta = node[1]
+            meta = dict(zip(fmt.TENSOR_FIELDS, node[1]))
             described.setdefault(meta["storage"], f"tensor {meta['dtype']} {meta['shape']} on {meta['device']}")
         elif node[0] == fmt.NDARRAY:
             described.setdefault(node[1], f"ndarray {node[2]} {node[3]}")

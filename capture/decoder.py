@@ -143,8 +143,11 @@ class Decoder:
     def _tuple(self, index: int, fields: list) -> tuple:
         return tuple(self.value(v) for v in _expect(fields[0], list, "tuple items"))
 
-    def _dict(self, index: int, fields: list) -> dict:
-        result = self._register(index, {})
+    def _odict(self, index: int, fields: list) -> dict:
+        return self._dict(index, fields, self.dest.resolve("collections", "OrderedDict")())
+
+    def _dict(self, index: int, fields: list, result: dict | None = None) -> dict:
+        result = self._register(index, {} if result is None else result)
         for pair in _expect(fields[0], list, "dict items"):
             _expect(pair, list, "dict item")
             if len(pair) != 2:
@@ -163,6 +166,9 @@ class Decoder:
 
     def _bytearray(self, index: int, fields: list) -> bytearray:
         return bytearray(_expect(fields[0], bytes, "bytearray data"))
+
+    def _str(self, index: int, fields: list) -> str:
+        return _expect(fields[0], str, "string")
 
     def _surrogates(self, index: int, fields: list) -> str:
         return _expect(fields[0], bytes, "surrogate string").decode("utf-8", "surrogatepass")
@@ -433,8 +439,11 @@ class Decoder:
     # --- tensors and arrays ---
 
     def _tensor(self, index: int, fields: list) -> Any:
-        meta = _expect(fields[0], dict, "tensor")
-        number = _expect(meta.get("storage"), int, "tensor storage")
+        values = _expect(fields[0], list, "tensor")
+        if len(values) != len(fmt.TENSOR_FIELDS):
+            raise BundleError(f"malformed bundle: a tensor node has {len(values)} fields, not {len(fmt.TENSOR_FIELDS)}")
+        meta = dict(zip(fmt.TENSOR_FIELDS, values))
+        number = _expect(meta["storage"], int, "tensor storage")
         storage = self.storages.get(number)
         if storage is None:
             storage = self.storages[number] = arrays.storage_from_frame(self._frame(number))

@@ -7,6 +7,7 @@ per-module namespace records, and only the globals that code actually names trav
 from __future__ import annotations
 
 import builtins
+import collections
 import copyreg
 import functools
 import importlib.util
@@ -29,6 +30,7 @@ BYTES_FRAME_THRESHOLD = 64 * 1024
 _INT_RANGE = (-(2 ** 63), 2 ** 64 - 1)
 _MAX_DEPTH = 200
 _SCALARS = (type(None), bool, float, str)
+_SHARED_STRING_MIN = 6
 #: Set on every shipped namespace when it is created on the receiving side.
 _NAMESPACE_DUNDERS = frozenset({"__name__", "__file__", "__package__", "__builtins__", "__spec__",
                                 "__loader__", "__cached__", "__doc__"})
@@ -135,12 +137,15 @@ class Encoder:
         self.storages: dict[tuple, int] = {}
         self.tensors: list[tuple[list, Any]] = []
         self.journal: list[tuple] = []
+        self.strings: dict[str, Any] = {}
         self.depth = 0
 
     # --- entry points ---
 
     def bundle(self, root: Any) -> Bundle:
         self._compact_lone_views()
+        for meta, _ in self.tensors:
+            meta["node"][1] = [meta[name] for name in fmt.TENSOR_FIELDS]
         header = {
             "format": fmt.FORMAT_NAME,
             "version": fmt.FORMAT_VERSION,
@@ -170,6 +175,8 @@ class Encoder:
         kind = type(obj)
         if kind is str and not obj.isascii() and _has_lone_surrogate(obj):
             return self._node(obj, [fmt.SURROGATE_STR, obj.encode("utf-8", "surrogatepass")])
+        if kind is str and len(obj) >= _SHARED_STRING_MIN:
+            return self._string(obj)
         if kind in _SCALARS:
             return obj
         if kind is int:
@@ -205,6 +212,12 @@ class Encoder:
             return self.memo.get(id(obj)) or self._node(obj, [fmt.TUPLE, items])
         if kind is dict:
             ref = self._new_node(obj, [fmt.DICT, None])
+            self.nodes[ref.index][1] = [
+                [self.value(k, f"{path}.<key>"), self.value(v, f"{path}[{k!r}]")] for k, v in obj.items()
+            ]
+            return ref
+        if kind is collections.OrderedDict:
+            ref = self._new_node(obj, [fmt.ORDERED_DICT, None])
             self.nodes[ref.index][1] = [
                 [self.value(k, f"{path}.<key>"), self.value(v, f"{path}[{k!r}]")] for k, v in obj.items()
             ]
@@ -255,6 +268,20 @@ class Encoder:
             return ref
         return self._reduce(obj, path)
 
+    def _string(self, text: str) -> Any:
+        """A string inline the first time; from its second use on, one node shared by
+        reference (nn.Module state repeats the same dozen attribute names per module)."""
+        seen = self.strings.get(text)
+        if seen is None:
+            self.strings[text] = False
+            self.journal.append(("string", text))
+            return text
+        if seen is False:
+            seen = fmt.Ref(len(self.nodes))
+            self.nodes.append([fmt.STRING, text])
+            self.strings[text] = seen
+        return seen
+
     # --- bookkeeping ---
 
     def _new_node(self, obj: Any, node: list) -> fmt.Ref:
@@ -303,6 +330,8 @@ class Encoder:
                 self.module_index.pop(entry[1], None)
             elif entry[0] == "storage":
                 self.storages.pop(entry[1], None)
+            elif entry[0] == "string":
+                self.strings.pop(entry[1], None)
         for segment in list(self.source_index):
             if self.source_index[segment] >= sources:
                 del self.source_index[segment]
@@ -682,7 +711,8 @@ class Encoder:
         }
         storage = tensor.untyped_storage()
         key = (storage.data_ptr(), storage.device.type, storage.nbytes())
-        ref = self._new_node(tensor, [fmt.TENSOR, meta])
+        ref = self._new_node(tensor, [fmt.TENSOR, None])
+        meta["node"] = self.nodes[ref.index]
         if key not in self.storages or storage.nbytes() == 0:
             host, view = arrays.storage_view(tensor)
             self.storages[key] = self._frame(view, host)
@@ -762,7 +792,8 @@ class Encoder:
     def _state(self, state: Any, path: str) -> Any:
         """Instance state, with error paths that read like attribute access."""
         if type(state) is dict and all(type(k) is str for k in state):
-            return self._node(state, [fmt.DICT, [[k, self.value(v, f"{path}.{k}")] for k, v in state.items()]])
+            return self._node(state, [fmt.DICT, [[self.value(k, path), self.value(v, f"{path}.{k}")]
+                                                 for k, v in state.items()]])
         if type(state) is tuple and len(state) == 2 and all(s is None or type(s) is dict for s in state):
             return self._node(state, [fmt.TUPLE, [self._state(s, path) if s is not None else None for s in state]])
         return self.value(state, f"{path}.<state>")

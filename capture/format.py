@@ -45,19 +45,24 @@ PROPERTY = "property"        # [fget, fset, fdel, doc]
 LRU_CACHE = "lru_cache"      # [func, maxsize, typed]
 OBJECT = "object"            # [cls, args, kwargs, state, listitems, dictitems]: cls.__new__ + state
 REDUCE = "reduce"            # [callable, args, state, listitems, dictitems]: callable(*args) + state
-TENSOR = "tensor"            # [map]: a torch tensor over a storage frame
+TENSOR = "tensor"            # [TENSOR_FIELDS...]: a torch tensor over a storage frame
 NDARRAY = "ndarray"          # [frame, dtype str, shape]
 BYTES_FRAME = "bytesframe"   # [frame]: a large bytes value kept out of the msgpack body
 UNAVAILABLE = "unavailable"  # [description]: a module-level name that could not travel
 PERSISTENT = "persistent"    # [token]: an object the receiver supplies (its model, say)
 NAMEDTUPLE = "namedtuple"    # [typename, fields, defaults, module, qualname]: a collections.namedtuple class
 SURROGATE_STR = "surrogates"  # [bin]: a str with lone surrogates, as UTF-8 with surrogatepass
+ORDERED_DICT = "odict"       # [[key, value], ...]: a collections.OrderedDict (nn.Module holds many)
+STRING = "str"               # [str]: a string that recurs (attribute names in object state), sent once
 
 TAGS = frozenset({
     LIST, TUPLE, DICT, SET, FROZENSET, BYTEARRAY, BIGINT, COMPLEX, REFERENCE, MODULE,
     FUNCTION, CELL, CLASS, ATTRIBUTE, BOUND_METHOD, WRAPPER, PROPERTY, LRU_CACHE, OBJECT,
-    REDUCE, TENSOR, NDARRAY, BYTES_FRAME, UNAVAILABLE, PERSISTENT, NAMEDTUPLE, SURROGATE_STR,
+    REDUCE, TENSOR, NDARRAY, BYTES_FRAME, UNAVAILABLE, PERSISTENT, NAMEDTUPLE, SURROGATE_STR, ORDERED_DICT, STRING,
 })
+
+#: The fields of a tensor node, in order (positional: a model has hundreds of tensors).
+TENSOR_FIELDS = ("storage", "dtype", "shape", "stride", "offset", "requires_grad", "parameter", "device")
 
 #: Header keys: format, version, python (producer's, information only), policy, root,
 #: nodes, sources, modules, frames ([[offset, length], ...] in the frame area).
@@ -123,17 +128,33 @@ def join(header: bytes, frames: Sequence[memoryview]) -> bytes:
     return b"".join(parts)
 
 
+_HEADER_CHUNK = 64 * 1024
+
+
+class _Chunks:
+    """A file-like reader over a buffer, handing out copies of only what is read."""
+
+    def __init__(self, data: bytes | memoryview):
+        self.view = memoryview(data)
+        self.position = 0
+
+    def read(self, size: int) -> bytes:
+        chunk = self.view[self.position:self.position + size]
+        self.position += len(chunk)
+        return bytes(chunk)
+
+
 def unpack_header(data: bytes | memoryview) -> tuple[dict, int]:
     """Parse the header at the start of ``data``; return it and where the frame area starts.
 
     Parsing runs no code: msgpack yields only scalars, arrays, maps and node references.
     """
+    # Fed in chunks so the frames after the header are not copied into the unpacker.
     unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=False, ext_hook=_ext_hook, use_list=True,
-        max_buffer_size=max(len(data), 1),
+        _Chunks(data), read_size=_HEADER_CHUNK, raw=False, strict_map_key=False, ext_hook=_ext_hook,
+        use_list=True, max_buffer_size=max(len(data), _HEADER_CHUNK),
     )
     try:
-        unpacker.feed(data)
         header = unpacker.unpack()
     except msgpack.OutOfData:
         raise BundleError("truncated bundle: the header ends before its declared size") from None
