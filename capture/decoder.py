@@ -89,9 +89,12 @@ class Decoder:
                 sys.modules.pop(name, None)
 
     def value(self, encoded: Any) -> Any:
-        if isinstance(encoded, fmt.Ref):
-            return self.build(encoded.index)
-        if isinstance(encoded, (list, dict)):
+        kind = type(encoded)
+        if kind is fmt.Ref:
+            index = encoded.index
+            built = self.built[index] if 0 <= index < len(self.built) else _MISSING
+            return built if built is not _MISSING else self.build(index)
+        if kind is list or kind is dict:
             raise BundleError("malformed bundle: a container appears inline instead of as a node")
         return encoded
 
@@ -141,7 +144,7 @@ class Decoder:
         return self.value(encoded)
 
     def _tuple(self, index: int, fields: list) -> tuple:
-        return tuple(self.value(v) for v in _expect(fields[0], list, "tuple items"))
+        return tuple([self.value(v) for v in _expect(fields[0], list, "tuple items")])
 
     def _odict(self, index: int, fields: list) -> dict:
         return self._dict(index, fields, self.dest.resolve("collections", "OrderedDict")())
@@ -162,7 +165,7 @@ class Decoder:
         return result
 
     def _frozenset(self, index: int, fields: list) -> frozenset:
-        return frozenset(self.value(v) for v in _expect(fields[0], list, "frozenset items"))
+        return frozenset([self.value(v) for v in _expect(fields[0], list, "frozenset items")])
 
     def _bytearray(self, index: int, fields: list) -> bytearray:
         return bytearray(_expect(fields[0], bytes, "bytearray data"))
