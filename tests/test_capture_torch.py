@@ -53,6 +53,13 @@ def check_strided_slice(obj, expected):
     return {"values": obj.tolist(), "dtype": str(obj.dtype), "shape": list(obj.shape)}
 
 
+@cases.case(build=lambda user: torch.arange(1000.0).reshape(10, 100)[7], expect=values_dtype_shape)
+def check_small_contiguous_view_deep_into_its_storage(obj, expected):
+    # Shipped alone, it travels compacted: its own elements, not the storage's first ones.
+    assert obj.untyped_storage().nbytes() == 100 * 4
+    return {"values": obj.tolist(), "dtype": str(obj.dtype), "shape": list(obj.shape)}
+
+
 def base_and_view():
     base = torch.arange(10.0)
     return base, base[2:5]
