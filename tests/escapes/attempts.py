@@ -5,8 +5,9 @@ raises: a file appearing or changing outside the scratch directory, a new
 process, a connection or datagram reaching a listener the test opened, a
 secret reaching the result, a signal reaching the test process, input pushed
 into a terminal, a refused module in the user's hands, the worker's limits or
-namespaces changing. The same list can be driven through any worker that runs
-user code (tests/escapes/child.py today, the runner's worker later).
+namespaces changing. The same list is driven through every worker that runs
+user code: the runner's (via_runner.py, each attempt shipped as a function of a
+user module) and a minimal child (child.py, each attempt exec'd as a module).
 
 Sources use ``$placeholders`` (string.Template) that the witness fills with
 Python literals: $outside_dir, $marker, $sentinel, $secret_path, $scratch,

@@ -22,12 +22,21 @@ class WorkerDied(RuntimeError):
 
 
 class ConfinedWorker:
-    """One worker process serving attempts over a pair of pipes, under ``policy`` (a spec)."""
+    """One worker process serving attempts over a pair of pipes, under ``policy`` (a spec).
+
+    It writes to the witness's scratch directory, reads the witness's model
+    directory, and holds the witness's pseudo-terminal: every attempt applies.
+    """
+
+    not_applicable: dict[str, str] = {}
+    control_exempt: dict[str, str] = {}  # unconfined, it applies no layer at all
 
     def __init__(self, witness: Witness, policy: str, *, confined: bool = True, timeout: float = 60.0):
         self.witness = witness
         self.timeout = timeout
         self.policy = sandbox.Policy.load(policy)
+        self.scratch = witness.scratch
+        self.model_dir = witness.model_dir
         request_read, self._request_write = os.pipe()
         self._response_read, response_write = os.pipe()
         self.log_path = witness.root / f"worker-{Path(policy).stem}-{'confined' if confined else 'unconfined'}.log"
@@ -61,6 +70,8 @@ class ConfinedWorker:
         ready = self._read()
         self.pid: int = ready["pid"]
         self.report: dict | None = ready["report"]
+        layers = self.report["layers"] if self.report else {}  # unconfined: no report
+        self.layers = {name: layer["status"] for name, layer in layers.items()}
 
     def _read(self) -> dict:
         if not select.select([self._responses], [], [], self.timeout)[0]:

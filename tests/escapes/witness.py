@@ -6,6 +6,11 @@ listening sockets), a client project with a module holding a secret, a
 read-only model directory, TCP/UDP/Unix listeners, signal handlers in this
 process, and a raw pseudo-terminal. Before each attempt it records a
 baseline; afterwards :meth:`Witness.judge` lists every effect that happened.
+
+A worker's own places (its scratch directory, the model directory it reads)
+are passed per call, so one witness serves workers that keep them elsewhere
+(the runner's worker makes its own scratch); a model directory the witness
+did not plant is registered with :meth:`Witness.watch`.
 """
 
 from __future__ import annotations
@@ -31,13 +36,18 @@ NAMESPACES = ("ipc", "mnt", "net", "pid", "user", "uts")
 
 @dataclass
 class Outcome:
-    """What the worker reported for one attempt."""
+    """What the worker reported for one attempt.
+
+    ``ran``: the attempt's code did start in the worker (false when shipping it
+    failed, which would make the attempt look blocked without testing anything).
+    """
 
     name: str
     error: str | None
     result: str
     target_usable: bool
     healthy: bool
+    ran: bool = True
 
 
 @dataclass
@@ -67,6 +77,7 @@ class Witness:
         self.module_secret = f"module-secret-{token}"
         self.secret_path = self.outside / "client_secret.txt"
         self.sentinel = self.outside / "sentinel.txt"
+        self.watched = [self.outside, self.client_dir, self.model_dir]
         self._planted = {
             self.secret_path: self.secret_text + "\n",
             self.sentinel: "do not touch\n",
@@ -113,10 +124,20 @@ class Witness:
         os.close(self.pty_master)
         os.close(self.pty_slave)
 
-    def reset(self) -> None:
-        """Put every planted file back as it was and remove anything else an attempt left."""
+    def watch(self, directory: Path) -> None:
+        """Judge changes under ``directory`` too (a worker's model directory planted by someone else).
+
+        It is compared before and after each attempt but never reset: an attempt
+        that changes it has escaped, and the test says so. Remove it from
+        ``watched`` when its worker is gone.
+        """
+        self.watched.append(directory)
+
+    def reset(self, scratch: Path | None = None) -> None:
+        """Put every planted file back as it was and remove anything else an attempt left
+        (in ``scratch`` too: the worker's, default the witness's own)."""
         keep = {Path(self.unix_path), Path(self.unix_path + ".dgram")}
-        for directory in (self.outside, self.client_dir, self.model_dir, self.scratch):
+        for directory in (self.outside, self.client_dir, self.model_dir, scratch or self.scratch):
             for path in sorted(directory.rglob("*"), reverse=True):
                 if path in keep:
                     continue
@@ -130,15 +151,18 @@ class Witness:
 
     # ------------------------------------------------------------ attempts
 
-    def render(self, attempt: Attempt) -> tuple[str, str]:
-        """The attempt's source and target with placeholders filled."""
+    def render(self, attempt: Attempt, *, scratch: Path | None = None, model_dir: Path | None = None) -> tuple[str, str]:
+        """The attempt's source and target with placeholders filled, for a worker whose
+        scratch and model directories are these (default: the witness's own)."""
+        scratch = scratch or self.scratch
+        model_dir = model_dir or self.model_dir
         values = {
             "outside_dir": repr(str(self.outside)),
             "marker": repr(str(self.outside / f"marker-{attempt.name}")),
             "sentinel": repr(str(self.sentinel)),
             "secret_path": repr(str(self.secret_path)),
-            "scratch": repr(str(self.scratch)),
-            "proof": repr(str(self.scratch / f"proof-{attempt.name}")),
+            "scratch": repr(str(scratch)),
+            "proof": repr(str(scratch / f"proof-{attempt.name}")),
             "tcp_port": str(self.tcp.getsockname()[1]),
             "udp_port": str(self.udp.getsockname()[1]),
             "unix_path": repr(self.unix_path),
@@ -147,7 +171,7 @@ class Witness:
             "pty_fd": str(self.pty_slave),
             "client_dir": repr(str(self.client_dir)),
             "client_module": repr(CLIENT_MODULE),
-            "model_dir": repr(str(self.model_dir)),
+            "model_dir": repr(str(model_dir)),
         }
         source = string.Template(attempt.source).substitute(values)
         target = attempt.target.replace("$client_module", CLIENT_MODULE)
@@ -165,7 +189,7 @@ class Witness:
 
     def _files(self) -> dict[str, tuple]:
         state = {}
-        for directory in (self.outside, self.client_dir, self.model_dir):
+        for directory in self.watched:
             for path in sorted(directory.rglob("*")):
                 info = path.lstat()
                 digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else ""
@@ -176,15 +200,18 @@ class Witness:
                 state[str(path)] = (info.st_mode, info.st_uid, info.st_gid, info.st_size, info.st_mtime_ns, digest, attributes)
         return state
 
-    def judge(self, attempt: Attempt, outcome: Outcome, before: Baseline, worker_pid: int) -> list[str]:
-        """Every effect of the attempt; empty when it was blocked."""
+    def judge(
+        self, attempt: Attempt, outcome: Outcome, before: Baseline, worker_pid: int, scratch: Path | None = None
+    ) -> list[str]:
+        """Every effect of the attempt in the worker ``worker_pid`` whose scratch
+        directory is ``scratch`` (default: the witness's own); empty when it was blocked."""
         effects = []
         after = self._files()
         for path in sorted(set(before.files) | set(after)):
             if before.files.get(path) != after.get(path):
                 change = "appeared" if path not in before.files else "vanished" if path not in after else "changed"
                 effects.append(f"{path} {change} outside scratch")
-        proofs = sorted(p.name for p in self.scratch.glob("proof-*"))
+        proofs = sorted(p.name for p in (scratch or self.scratch).glob("proof-*"))
         if proofs:
             effects.append(f"a new process ran: {', '.join(proofs)} written")
         children = psutil.Process(worker_pid).children(recursive=True)
