@@ -3,7 +3,8 @@ pure-bytes helpers for job runners that carry their own payloads.
 
 A ``Worker`` starts a server (``python -m runner serve``) on a private socket, or
 connects to one already listening at ``socket``. Calls are thread-safe and may overlap:
-replies are matched to requests by id by a reader thread.
+replies are matched to requests by id by a reader thread. Source the worker already
+holds is sent by digest alone (docs/RUNNER.md, "Repeated code").
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import atexit
 import collections
 import concurrent.futures
 import ctypes
-import hashlib
 import itertools
 import os
 import queue
@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Container
 
 import capture
 import msgpack
@@ -33,15 +33,14 @@ import sandbox
 from . import errors, shm
 from .errors import ProtocolError, WorkerCrashed, WorkerStartError, describe_exit, rebuild
 from .handlers import MODEL, MODEL_TOKEN
-from .protocol import DEFAULT_SHM_THRESHOLD, DIGEST_BYTES, CachedRef, Connection
+from .protocol import DEFAULT_SHM_THRESHOLD, Connection
 from .cli import DEFAULT_POLICY
 from .supervisor import PACKAGE_ROOT
 
-#: A request's bundle header at least this large is offered to the server's cache, and
-#: sent as its digest alone once the server holds it (docs/RUNNER.md, "Repeated code").
-DEFAULT_CACHE_MIN_BYTES = 4096
 _OUTPUT_TAIL_LINES = 30
 _HANDSHAKE_SECONDS = 30.0
+# How long a dead server's worker may take to follow it before the client sweeps.
+_WORKER_EXIT_SECONDS = 5.0
 
 
 def _model_token(obj: Any) -> str | None:
@@ -52,10 +51,6 @@ def _model_placeholder(token: str) -> Any:
     if token != MODEL_TOKEN:
         raise capture.BundleError(f"unknown object token {token!r} in a result")
     return MODEL
-
-
-def _digest(data) -> bytes:
-    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
 def encode_call(fn: Callable, args: tuple = (), kwargs: dict | None = None, *, policy: Any = None) -> bytes:
@@ -92,8 +87,11 @@ class _Pending:
     future: concurrent.futures.Future
     meta: dict
     frames: list
-    offer_index: int | None = None     # the frame offered to the server's cache
-    digest: bytes | None = None
+    # Encodes the request again, omitting the texts of the given source digests (None:
+    # bytes from elsewhere, which cannot be encoded again).
+    encode: Callable[[Container[str]], capture.Bundle] | None = None
+    source_digests: tuple = ()         # every source segment the request names
+    resent: bool = False               # sent again with all its text after a miss
     lease: str | None = None           # our segment holding its large frames
     answered: bool = False             # its reply (or error, or miss) has been read
     raw_reply: bool = False            # run_bytes: hand back the outcome bytes
@@ -115,21 +113,24 @@ class Worker:
     def __init__(self, model: str = "tiny-gpt2", policy: Any = None, socket: str | None = None,
                  device: str = "auto", timeout: float | None = None, memory_limit: int | None = None,
                  confine: str = "best-effort", *, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
-                 cache_min_bytes: int = DEFAULT_CACHE_MIN_BYTES, start_timeout: float = 600.0,
-                 handlers: tuple[str, ...] = ()):
+                 start_timeout: float = 600.0, handlers: tuple[str, ...] = ()):
         self.shm_threshold = shm_threshold
-        self.cache_min_bytes = cache_min_bytes
         self.timeout = timeout
         self._server: subprocess.Popen | None = None
         self._server_output: collections.deque = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
         self._own_dir: str | None = None
         self._pending: dict[int, _Pending] = {}
-        self._known: set[bytes] = set()
+        # Source digests the worker's store held after our last replies from it, and
+        # the id of that store (a restarted worker has a new, empty one).
+        self._known: set[str] = set()
+        self._store_id: str | None = None
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._closed = False
         self._lost: str | None = None
+        #: Bytes of request frames (bundle headers and tensor frames) this client has sent.
         self.bytes_sent = 0
+        self._requests = self._resends = 0
         _open_workers.add(self)
         if socket is not None and _listening(socket):
             self.socket_path = os.path.abspath(socket)
@@ -205,14 +206,19 @@ class Worker:
         self.server_pid = welcome.meta["server_pid"]
         sock.settimeout(None)
         self._leases = _ResultLeases(self._conn)
-        threading.Thread(target=self._read_replies, daemon=True, name="worker-replies").start()
+        self._reader = threading.Thread(target=self._read_replies, daemon=True, name="worker-replies")
+        self._reader.start()
 
     # -- requests ----------------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Run ``fn(*args, **kwargs)`` in the worker; return a Future of its result."""
-        bundle = capture.encode_variables({"fn": fn, "args": args, "kwargs": kwargs}, policy=self.policy,
-                                          persistent_id=_model_token)
-        return self._submit("call", [bundle.header, *bundle.frames], "frames", self.timeout)
+        variables = {"fn": fn, "args": args, "kwargs": kwargs}
+
+        def encode(known: Container[str]) -> capture.Bundle:
+            return capture.encode_variables(variables, policy=self.policy, persistent_id=_model_token,
+                                            known_sources=known)
+
+        return self._submit("call", self.timeout, encode=encode)
 
     def call(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` in the worker and return its result.
@@ -224,8 +230,11 @@ class Worker:
 
     def request(self, kind: str, payload: Any, *, timeout: float | None = None) -> Any:
         """Send ``payload`` to the handler of request ``kind`` and return its result."""
-        bundle = capture.encode(payload, policy=self.policy, persistent_id=_model_token, label="payload")
-        return self._submit(kind, [bundle.header, *bundle.frames], "frames", timeout or self.timeout).result()
+        def encode(known: Container[str]) -> capture.Bundle:
+            return capture.encode(payload, policy=self.policy, persistent_id=_model_token, label="payload",
+                                  known_sources=known)
+
+        return self._submit(kind, timeout or self.timeout, encode=encode).result()
 
     def run_bytes(self, data: bytes, kind: str = "call", *, timeout: float | None = None) -> bytes:
         """Run a request given as bundle bytes (``encode_call``); return outcome bytes.
@@ -234,37 +243,43 @@ class Worker:
         holds the result or the error, and ``decode_result`` turns it back into either,
         wherever it ends up. Runner failures (a crash, a timeout) are outcomes too.
         """
-        future = self._submit(kind, [memoryview(data)], "bytes", timeout or self.timeout, raw_reply=True)
-        return future.result()
+        return self._submit(kind, timeout or self.timeout, data=data).result()
 
-    def _submit(self, kind: str, frames: list, form: str, timeout: float | None,
-                raw_reply: bool = False) -> concurrent.futures.Future:
+    def _submit(self, kind: str, timeout: float | None, *, encode: Callable | None = None,
+                data: bytes | None = None) -> concurrent.futures.Future:
+        """Send a request given as an ``encode`` function (frames form) or as bundle
+        bytes (``data``, bytes form: the reply is outcome bytes)."""
+        form = "frames" if data is None else "bytes"
         meta = {"kind": kind, "form": form, "reply": form}
         if timeout is not None:
             meta["timeout"] = timeout
-        entry = _Pending(concurrent.futures.Future(), meta, frames, raw_reply=raw_reply)
-        first = frames[0]
-        if form == "frames" and len(first) >= self.cache_min_bytes:
-            entry.offer_index, entry.digest = 0, _digest(first)
+        entry = _Pending(concurrent.futures.Future(), meta, [], encode=encode, raw_reply=data is not None)
+        if encode is None:
+            entry.frames = [memoryview(data)]
+        else:
+            # Encoded here, so a CaptureError reaches the caller at once. The known set
+            # may change meanwhile: a digest sent alone that the worker lacks is a miss.
+            self._encode(entry, self._known)
         request_id = next(self._ids)
         with self._lock:
             if self._closed or self._lost:
                 raise WorkerCrashed(self._lost or "this Worker is closed")
             self._pending[request_id] = entry
+            self._requests += 1
         self._transmit(request_id, entry)
         return entry.future
 
+    @staticmethod
+    def _encode(entry: _Pending, known: Container[str]) -> None:
+        bundle = entry.encode(known)
+        entry.frames = [bundle.header, *bundle.frames]
+        entry.source_digests = tuple(bundle.source_digests)
+
     def _transmit(self, request_id: int, entry: _Pending) -> None:
-        frames, offer = list(entry.frames), {}
-        if entry.digest is not None:
-            if entry.digest in self._known:
-                frames[entry.offer_index] = CachedRef(entry.digest, len(frames[entry.offer_index]))
-            else:
-                offer[entry.offer_index] = entry.digest
-                self._known.add(entry.digest)
+        frames = entry.frames
         meta = dict(entry.meta, dropped=self._pool.dropped())
         try:
-            lease = self._conn.send("request", request_id, meta, frames, offer=offer)
+            lease = self._conn.send("request", request_id, meta, frames)
         except BaseException as exc:
             with self._lock:
                 self._pending.pop(request_id, None)
@@ -278,7 +293,8 @@ class Worker:
                 entry.lease = None if answered else lease.name
             if answered:
                 self._pool.release(lease.name)
-        self.bytes_sent += sum(len(f) if not isinstance(f, CachedRef) else DIGEST_BYTES for f in frames)
+        with self._lock:
+            self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
 
     def _control(self, kind: str) -> dict:
         entry = _Pending(concurrent.futures.Future(), {}, [])
@@ -293,6 +309,15 @@ class Worker:
     def status(self) -> dict:
         """The server's state: pids, model, device, policy, queue, restarts, memory..."""
         return self._control("status")
+
+    def stats(self) -> dict:
+        """This client's own counters: ``requests`` submitted, ``bytes_sent`` (request
+        frames, resends included), ``resends`` (requests sent again with their source
+        text after the worker answered ``miss``) and ``known_sources`` (source segments
+        it believes the worker holds, so sends by digest alone)."""
+        with self._lock:
+            return {"requests": self._requests, "bytes_sent": self.bytes_sent, "resends": self._resends,
+                    "known_sources": len(self._known)}
 
     def ping(self) -> float:
         """Round-trip time to the server in seconds."""
@@ -322,15 +347,13 @@ class Worker:
         if lease is not None:
             self._pool.release(lease)
         kind, future = message.kind, entry.future
+        if kind in ("reply", "miss", "error"):  # answers to requests, which the worker stamps
+            self._note_store(message.meta.get("sources"))
         if kind == "miss":
-            self._known.difference_update(message.meta.get("missing", ()))
-            # Sending from this thread could wait on the server while nobody reads.
-            with self._lock:
-                entry.answered = False
-                self._pending[message.id] = entry
-            threading.Thread(target=self._resend, args=(message.id, entry), daemon=True).start()
+            self._miss(message, entry)
             return
         if kind == "reply":
+            self._known.update(entry.source_digests)  # decoded there: its store has them now
             self._segments.forget(message.meta.get("dropped", ()))
             try:
                 result = self._decode(message, entry)
@@ -359,10 +382,47 @@ class Worker:
                  else memoryview(bytearray(frame)) for index, frame in enumerate(message.frames)]
         return capture.decode(views[0], views[1:], persistent_load=_model_placeholder)
 
+    def _note_store(self, sources: Any) -> None:
+        """Forget what a previous worker held once replies come from a new one (a
+        restart). Replies arrive in the order the worker served them, so an old store's
+        id never follows a new one's."""
+        store_id = sources.get("id") if isinstance(sources, dict) else None
+        if store_id is not None and store_id != self._store_id:
+            self._known.clear()
+            self._store_id = store_id
+
+    def _miss(self, message, entry: _Pending) -> None:
+        missing = message.meta.get("missing")
+        if isinstance(missing, list):
+            self._known.difference_update(m for m in missing if isinstance(m, str))
+        if entry.encode is None or entry.resent:
+            # A resend carries every text of the request, so a second miss cannot be
+            # cured by sending again: fail instead of looping.
+            what = "bytes from elsewhere cannot be encoded again" if entry.encode is None else \
+                "it was already resent with all of its source text"
+            entry.future.set_exception(errors.RunnerError(
+                f"the worker asked for {len(missing) if isinstance(missing, list) else 'some'} source "
+                f"segment(s) of this request that it does not hold, and {what}; the worker server at "
+                f"{self.socket_path} is not behaving as this client expects: restart it "
+                f"(python -m runner stop {self.socket_path}) and run the same sourcebox release on both sides"))
+            return
+        entry.resent = True
+        with self._lock:
+            entry.answered = False
+            self._pending[message.id] = entry
+            self._resends += 1
+        # Sending from this thread could wait on the server while nobody reads.
+        threading.Thread(target=self._resend, args=(message.id, entry), daemon=True, name="resend").start()
+
     def _resend(self, request_id: int, entry: _Pending) -> None:
+        """Encode the request again with every source text (not only the missing ones,
+        so texts evicted from the worker's store meanwhile cannot cause a second miss)."""
         try:
+            self._encode(entry, ())
             self._transmit(request_id, entry)
         except BaseException as exc:
+            with self._lock:
+                self._pending.pop(request_id, None)
             entry.future.set_exception(exc)
 
     def _connection_lost(self, exc: BaseException) -> None:
@@ -376,11 +436,21 @@ class Worker:
         with self._lock:
             self._lost = reason
             pending, self._pending = list(self._pending.values()), {}
-        if not self._closed or pending:
-            # The server is gone: whatever it and its worker left in /dev/shm is ours to remove.
-            shm.sweep_orphans()
         for entry in pending:
-            entry.future.set_exception(WorkerCrashed(reason, returncode, "".join(self._server_output).rstrip()))
+            entry.future.set_exception(
+                errors.WorkerStopped("the Worker was closed before this request finished") if self._closed
+                else WorkerCrashed(reason, returncode, "".join(self._server_output).rstrip()))
+        if not self._closed or pending:
+            # The server is gone: whatever it and its worker left in /dev/shm is ours to
+            # remove. Its worker dies with it (PDEATHSIG), but only a moment later: until
+            # then its segments still look owned, so wait for it first.
+            server_pid = getattr(self, "server_pid", None)
+            worker_pid = getattr(self, "info", {}).get("worker_pid")
+            if server_pid is not None and worker_pid is not None and not shm.alive(server_pid):
+                deadline = time.monotonic() + _WORKER_EXIT_SECONDS
+                while shm.alive(worker_pid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            shm.sweep_orphans()
 
     # -- lifetime ----------------------------------------------------------------------
     def close(self) -> None:
@@ -400,6 +470,14 @@ class Worker:
             self._leases.stop()
         if conn is not None:
             conn.close()
+        # No thread of ours may outlive close(): one still alive while the interpreter
+        # exits made torch's C++ teardown abort the process ("terminate called without an
+        # active exception") in about one client exit in fifteen.
+        reader = getattr(self, "_reader", None)
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout=10)
+        if hasattr(self, "_leases"):
+            self._leases.join()
         if self._server is not None:
             if self._server.poll() is None:
                 self._server.kill()
@@ -440,7 +518,8 @@ class _ResultLeases:
         self._conn = conn
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._lent: dict[str, int] = {}
-        threading.Thread(target=self._run, daemon=True, name="result-leases").start()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="result-leases")
+        self._thread.start()
 
     def lend(self, frame: memoryview, segment: str) -> memoryview:
         holder = (ctypes.c_char * frame.nbytes).from_buffer(frame)
@@ -453,6 +532,10 @@ class _ResultLeases:
 
     def stop(self) -> None:
         self._events.put(("stop", ""))
+
+    def join(self) -> None:
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while True:

@@ -12,9 +12,10 @@ A message carries a list of *frames* (raw buffers: a capture bundle's header and
 tensor frames). Each frame is described by one descriptor:
 
     [INLINE, length]                     bytes follow in the inline area
-    [INLINE, length, digest]             ...and the receiver may keep them under ``digest``
     [SHARED, segment, offset, length]    bytes lie in a POSIX shared-memory segment
-    [CACHED, digest, length]             bytes the receiver kept earlier under ``digest``
+
+Repeated code is not deduplicated here but inside the bundle: capture sends a source
+segment the worker already holds by its digest alone (docs/RUNNER.md, "Repeated code").
 
 The prefix's inline total lets a reader skip a message whose header it cannot parse and
 stay in step: such a message fails alone (``BadMessage``); only broken framing
@@ -33,14 +34,14 @@ import msgpack
 from .errors import BadMessage, ProtocolError, ProtocolVersionError
 from .shm import Lease, SegmentMap, SegmentPool, aligned
 
-PROTOCOL_VERSION = 1
+# 2: per-source-segment dedup (``miss`` lists source digests); no cached-frame descriptor.
+PROTOCOL_VERSION = 2
 GREETING_MAGIC = b"SBXRUN\r\n"
 _GREETING = struct.Struct("<8sI")
 MESSAGE_MAGIC = b"SBXM"
 _PREFIX = struct.Struct("<4sIQ")
 
-INLINE, SHARED, CACHED = 0, 1, 2
-DIGEST_BYTES = 16
+INLINE, SHARED = 0, 1
 
 MAX_HEADER_BYTES = 16 << 20
 MAX_INLINE_BYTES = 1 << 30
@@ -61,14 +62,6 @@ class SharedRef:
     length: int
 
 
-@dataclass(frozen=True)
-class CachedRef:
-    """A frame the receiver holds under ``digest``."""
-
-    digest: bytes
-    length: int
-
-
 @dataclass
 class Message:
     """One received message.
@@ -76,22 +69,20 @@ class Message:
     Inline frames are read-only views of the connection's reused receive buffer: valid
     until the next ``recv`` on that connection (``detach`` copies them out). Shared-memory
     frames are writable views of the peer's segment (or ``SharedRef`` where the
-    connection maps nothing); ``CachedRef`` frames are left for the receiver to resolve.
-    ``offered`` maps frame index to digest for inline frames the sender offered to cache;
-    ``segments`` maps frame index to the shared-memory segment that frame lies in.
+    connection maps nothing); ``segments`` maps frame index to the shared-memory segment
+    that frame lies in.
     """
 
     kind: str
     id: int
     meta: dict
     frames: list
-    offered: dict
     segments: dict
 
     def detach(self) -> "Message":
         """A copy whose inline frames no longer borrow the receive buffer."""
         frames = [bytes(f) if isinstance(f, memoryview) and f.readonly else f for f in self.frames]
-        return Message(self.kind, self.id, self.meta, frames, dict(self.offered), dict(self.segments))
+        return Message(self.kind, self.id, self.meta, frames, dict(self.segments))
 
 
 class ConnectionClosed(ProtocolError, EOFError):
@@ -155,28 +146,23 @@ class Connection:
 
     # -- sending ----------------------------------------------------------------------
     def send(self, kind: str, request_id: int = 0, meta: dict | None = None,
-             frames: Sequence[Any] = (), *, offer: dict[int, bytes] | None = None) -> Lease | None:
+             frames: Sequence[Any] = ()) -> Lease | None:
         """Send one message; return the shared-memory lease its large frames went into.
 
         The caller gives the lease back to ``pool.release`` once the peer is done with it
-        (for a request: when its reply arrives). ``offer`` maps frame index to a digest
-        under which the receiver may keep that frame (inline frames only).
+        (for a request: when its reply arrives).
         """
-        offer = offer or {}
         descriptors, inline, large = [], [], []
         for index, frame in enumerate(frames):
             if isinstance(frame, SharedRef):
                 descriptors.append([SHARED, frame.name, frame.offset, frame.length])
-            elif isinstance(frame, CachedRef):
-                descriptors.append([CACHED, frame.digest, frame.length])
             else:
                 view = frame_view(frame)
                 if self.pool is not None and view.nbytes >= self.shm_threshold:
                     descriptors.append(None)  # filled in once the lease exists
                     large.append((index, view))
                 else:
-                    digest = offer.get(index)
-                    descriptors.append([INLINE, view.nbytes, digest] if digest else [INLINE, view.nbytes])
+                    descriptors.append([INLINE, view.nbytes])
                     inline.append(view)
         lease = None
         if large:
@@ -256,13 +242,11 @@ class Connection:
             raise BadMessage(f"message metadata must be a map, got {type(meta).__name__}", request_id)
         if not isinstance(descriptors, list) or len(descriptors) > MAX_FRAMES:
             raise BadMessage(f"frame descriptors must be a list of at most {MAX_FRAMES}", request_id)
-        frames, offered, segments, position = [], {}, {}, 0
+        frames, segments, position = [], {}, 0
         for index, descriptor in enumerate(descriptors):
             frame = self._frame(descriptor, inline, position, request_id)
             if descriptor[0] == INLINE:
                 position += frame.nbytes
-                if len(descriptor) == 3:
-                    offered[index] = descriptor[2]
             elif descriptor[0] == SHARED:
                 segments[index] = descriptor[1]
             frames.append(frame)
@@ -270,7 +254,7 @@ class Connection:
             raise BadMessage(
                 f"frame descriptors account for {position} inline bytes but the message holds "
                 f"{inline.nbytes}", request_id)
-        return Message(kind, request_id, meta, frames, offered, segments)
+        return Message(kind, request_id, meta, frames, segments)
 
     def _frame(self, descriptor: Any, inline: memoryview, position: int, request_id: int):
         def bad(why: str) -> BadMessage:
@@ -279,12 +263,10 @@ class Connection:
         if not isinstance(descriptor, list) or not descriptor:
             raise bad("expected a non-empty list")
         tag = descriptor[0]
-        if tag == INLINE and len(descriptor) in (2, 3):
+        if tag == INLINE and len(descriptor) == 2:
             length = descriptor[1]
             if type(length) is not int or length < 0 or position + length > inline.nbytes:
                 raise bad(f"length must fit in the {inline.nbytes} inline bytes")
-            if len(descriptor) == 3 and not _is_digest(descriptor[2]):
-                raise bad(f"a digest is {DIGEST_BYTES} raw bytes")
             return inline[position:position + length]
         if tag == SHARED and len(descriptor) == 4:
             _, name, offset, length = descriptor
@@ -296,11 +278,6 @@ class Connection:
                 return self.segments.view(name, offset, length)
             except (OSError, ValueError) as exc:
                 raise bad(str(exc)) from None
-        if tag == CACHED and len(descriptor) == 3:
-            _, digest, length = descriptor
-            if not _is_digest(digest) or type(length) is not int or length < 0:
-                raise bad(f"expected [CACHED, {DIGEST_BYTES}-byte digest, length]")
-            return CachedRef(digest, length)
         raise bad("unknown tag or wrong number of fields")
 
     def _recv_exact(self, view: memoryview, *, mid_message: bool = False) -> None:
@@ -322,10 +299,6 @@ class Connection:
         except OSError:
             pass
         self.sock.close()
-
-
-def _is_digest(value: Any) -> bool:
-    return isinstance(value, bytes) and len(value) == DIGEST_BYTES
 
 
 def _send_all(sock: socket.socket, buffers: Iterable[Any]) -> None:

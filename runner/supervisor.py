@@ -9,16 +9,15 @@ running. It
   time limit, or grows past the memory limit (RSS via psutil; CUDA memory as the worker
   reports it);
 - queues requests per client and takes them round-robin across clients, one at a time;
-- forwards requests and replies. Large frames are not touched: only shared-memory
-  segment names pass through. Small inline frames offered under a digest are kept in a
-  byte-bounded cache, so a client can later send the digest alone;
+- forwards requests and replies (``miss`` answers too: repeated code is deduplicated
+  between the client and the worker's source store). Large frames are not touched: only
+  shared-memory segment names pass through;
 - cleans up after whoever dies: a client's segments when its connection drops, the
   worker's when the worker dies.
 """
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import os
 import select
@@ -38,8 +37,7 @@ import psutil
 from . import errors
 from . import shm
 from .errors import BadMessage, ProtocolError, ProtocolVersionError, describe_exit, failure
-from .protocol import (DEFAULT_SHM_THRESHOLD, DIGEST_BYTES, PROTOCOL_VERSION, CachedRef, Connection,
-                       ConnectionClosed, Message, SharedRef)
+from .protocol import DEFAULT_SHM_THRESHOLD, PROTOCOL_VERSION, Connection, ConnectionClosed, Message, SharedRef
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # How often the scheduler wakes to check the worker's memory, deadline and health.
@@ -51,52 +49,6 @@ _STOP_GRACE = 10.0
 _CLIENT_SEND_TIMEOUT = 30.0
 _TAIL_LINES = 30
 _RESTART_ATTEMPTS = 3
-DEFAULT_CACHE_BYTES = 64 << 20
-
-
-def _digest(data) -> bytes:
-    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
-
-
-class BlobCache:
-    """Frames clients offered under their digest, least recently used dropped first.
-
-    A digest is checked against the bytes before they are kept, so no client can plant
-    wrong content under a digest another client will use.
-    """
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._blobs: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
-        self._bytes = 0
-        self.hits = self.misses = 0
-        self._lock = threading.Lock()
-
-    def offer(self, digest: bytes, data) -> bool:
-        if len(data) > self.max_bytes or _digest(data) != digest:
-            return False
-        with self._lock:
-            if digest not in self._blobs:
-                self._blobs[digest] = bytes(data)
-                self._bytes += len(data)
-                while self._bytes > self.max_bytes:
-                    _, dropped = self._blobs.popitem(last=False)
-                    self._bytes -= len(dropped)
-            return True
-
-    def get(self, digest: bytes) -> bytes | None:
-        with self._lock:
-            blob = self._blobs.get(digest)
-            if blob is None:
-                self.misses += 1
-            else:
-                self.hits += 1
-                self._blobs.move_to_end(digest)
-            return blob
-
-    def stats(self) -> dict:
-        with self._lock:
-            return {"entries": len(self._blobs), "bytes": self._bytes, "hits": self.hits, "misses": self.misses}
 
 
 @dataclass(eq=False)
@@ -149,12 +101,11 @@ class Supervisor:
                  policy: str | None = None, confine: str = "best-effort", timeout: float | None = None,
                  memory_limit: int | None = None, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
                  handlers: tuple[str, ...] = (), start_timeout: float = 600.0,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, owner_pid: int | None = None, log=sys.stderr):
+                 owner_pid: int | None = None, log=sys.stderr):
         self.socket_path = os.path.abspath(socket_path)
         self.model, self.device, self.policy, self.confine = model, device, policy, confine
         self.timeout, self.memory_limit = timeout, memory_limit
         self.shm_threshold, self.handlers, self.start_timeout = shm_threshold, handlers, start_timeout
-        self.cache = BlobCache(cache_bytes)
         self.owner_pid = owner_pid
         self._owner_checked = 0.0
         self.log = log
@@ -400,6 +351,8 @@ class Supervisor:
             raise _WorkerLost(errors.CRASHED, "the worker died") from None
         reply = self._wait_message(worker, deadline, "request", request_id)
         worker.last_ping = time.monotonic()
+        if "sources" in reply.meta:
+            worker.info["sources"] = reply.meta["sources"]
         self.served += 1
         with self._lock:
             self._running = None
@@ -531,21 +484,7 @@ class Supervisor:
         if problem is not None:
             client.conn.send("error", message.id, {"error": failure(errors.RUNNER, f"bad request: {problem}")})
             return
-        for index, digest in message.offered.items():
-            self.cache.offer(digest, message.frames[index])
-        frames, missing = [], []
-        for frame in message.frames:
-            if isinstance(frame, CachedRef):
-                blob = self.cache.get(frame.digest)
-                if blob is None or len(blob) != frame.length:
-                    missing.append(frame.digest)
-                frame = blob
-            frames.append(frame)
-        if missing:
-            # Answered, never an error: the client sends those frames again in full.
-            client.conn.send("miss", message.id, {"missing": missing})
-            return
-        detached = Message(message.kind, message.id, message.meta, frames, {}, message.segments).detach()
+        detached = message.detach()
         with self._lock:
             if self._stopping.is_set():
                 stopping = True
@@ -602,7 +541,7 @@ class Supervisor:
             "clients": clients, "queued": queued, "running": running, "rss": rss,
             "gpu": worker.gpu_bytes if worker is not None else None,
             "memory_limit": self.memory_limit, "timeout": self.timeout,
-            "shm_threshold": self.shm_threshold, "cache": self.cache.stats(),
+            "shm_threshold": self.shm_threshold, "sources": info.get("sources"),
         }
 
     def _shutdown(self) -> None:

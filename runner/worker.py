@@ -9,7 +9,9 @@ talks only to it, over one inherited Unix socket. Start-up order matters:
 3. the ``ready`` message, then one request at a time.
 
 Each request's bundle is decoded by ``capture`` under the policy into fresh namespaces,
-handed to its handler (``runner.handlers``), and the result encoded back. Large frames
+handed to its handler (``runner.handlers``), and the result encoded back. Source texts
+the worker was sent are kept in a bounded ``SourceStore``, so a client sends a segment's
+digest alone the next time; a digest the store lacks is answered with ``miss``. Large frames
 of the request are zero-copy views of the client's shared memory (lent until the reply);
 large frames of the result go into this process's own pool, leased until the client has
 copied them out.
@@ -17,6 +19,8 @@ copied them out.
 from __future__ import annotations
 
 import argparse
+import collections
+import collections.abc
 import ctypes
 import importlib
 import importlib.util
@@ -41,6 +45,65 @@ _PR_SET_PDEATHSIG = 1
 # Frames of our own machinery are not the user's: tracebacks skip them.
 _OWN_DIRS = tuple(os.path.dirname(package.__file__) + os.sep for package in (capture, sandbox, handlers))
 _GPU_REPORT_SECONDS = 0.5
+# The source store's bound, in characters of source text (bytes, for ASCII source): room
+# for a few hundred helper modules, small next to a model (docs/RUNNER.md, "Repeated code").
+SOURCE_STORE_CHARS = 32 << 20
+
+
+class SourceStore(collections.abc.MutableMapping):
+    """Source texts by segment digest (``capture.decode``'s ``source_store``), least
+    recently used dropped first once their total length passes ``max_chars``.
+
+    capture checks each text against its digest before storing it, so no request can
+    plant text under a digest that another request will use. ``id`` is new in every
+    worker process: a client that sees it change forgets what it believed was held.
+    """
+
+    def __init__(self, max_chars: int = SOURCE_STORE_CHARS):
+        self.max_chars = max_chars
+        self.id = os.urandom(8).hex()
+        self._texts: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._chars = 0
+        self.hits = self.misses = 0
+
+    def __getitem__(self, digest: str) -> str:
+        try:
+            text = self._texts[digest]
+        except KeyError:
+            self.misses += 1
+            raise
+        self.hits += 1
+        self._texts.move_to_end(digest)
+        return text
+
+    def __setitem__(self, digest: str, text: str) -> None:
+        if len(text) > self.max_chars:
+            return  # it would push out everything else; it travels with its requests
+        if digest in self._texts:
+            self._texts.move_to_end(digest)
+            return  # same digest, same text (capture checked it)
+        self._texts[digest] = text
+        self._chars += len(text)
+        while self._chars > self.max_chars:
+            _, dropped = self._texts.popitem(last=False)
+            self._chars -= len(dropped)
+
+    def __contains__(self, digest: object) -> bool:  # a look, not a use: no count, no refresh
+        return digest in self._texts
+
+    def __delitem__(self, digest: str) -> None:
+        self._chars -= len(self._texts.pop(digest))
+
+    def __iter__(self):
+        return iter(self._texts)
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def summary(self) -> dict:
+        """What clients and ``status`` see: the store's id, size and hit counts."""
+        return {"id": self.id, "entries": len(self._texts), "chars": self._chars,
+                "max_chars": self.max_chars, "hits": self.hits, "misses": self.misses}
 
 
 class _ClientDestination:
@@ -54,9 +117,10 @@ class _ClientDestination:
 
 
 class Worker:
-    def __init__(self, conn: Connection, context: handlers.Context):
+    def __init__(self, conn: Connection, context: handlers.Context, sources: SourceStore):
         self.conn = conn
         self.context = context
+        self.sources = sources
         self._destination = _ClientDestination()
 
     # -- tokens standing for the model -------------------------------------------------
@@ -108,28 +172,45 @@ class Worker:
             # are the client's segment, lent until our reply, and stay zero-copy.
             request_frames = [frame if index in message.segments else memoryview(bytearray(frame))
                               for index, frame in enumerate(message.frames)]
-            payload = self._decode(meta.get("form"), request_frames)
+            try:
+                payload = self._decode(meta.get("form"), request_frames)
+            except capture.MissingSources as missing:
+                # Answered, never an error: the client encodes the request again with
+                # those texts and resends it.
+                self.conn.send("miss", message.id, {"missing": missing.digests, "sources": self.sources.summary()})
+                return
             result = handler(self.context, payload)
             bundle = capture.encode(result, policy=self._destination, persistent_id=self._persistent_id,
                                     label="result")
             frames = [bundle.to_bytes()] if meta.get("reply") == "bytes" else [bundle.header, *bundle.frames]
         except BaseException as exc:  # user code may raise anything, PolicyKill included
-            self.conn.send("error", message.id, {"error": describe(exc, skip_dirs=_OWN_DIRS)})
+            self.conn.send("error", message.id, {"error": describe(exc, skip_dirs=_OWN_DIRS),
+                                                 "sources": self.sources.summary()})
             return
         # The segment named in the reply's shared frames stays leased until the client
         # (through the supervisor) sends it back in a "release"; "dropped" names the
         # segments we unlinked, so the client unmaps them.
-        self.conn.send("reply", message.id, {"dropped": self.conn.pool.dropped()}, frames)
+        self.conn.send("reply", message.id, {"dropped": self.conn.pool.dropped(),
+                                             "sources": self.sources.summary()}, frames)
 
     def _decode(self, form, frames):
         if form == "bytes":
             if len(frames) != 1:
                 raise BadMessage(f"a request in bytes form has one frame, not {len(frames)}")
-            return capture.loads(frames[0], policy=self.context.policy, persistent_load=self._persistent_load)
+            try:
+                return capture.loads(frames[0], policy=self.context.policy, persistent_load=self._persistent_load,
+                                     source_store=self.sources)
+            except capture.MissingSources as missing:
+                # Bytes were encoded elsewhere (a job runner's payload): nobody here can
+                # encode them again with the text, so this is the request's error.
+                raise capture.BundleError(
+                    f"{len(missing.digests)} source segment(s) of this bytes request were sent by digest "
+                    "only and this worker does not hold them; encode the call with runner.encode_call, "
+                    "which always includes the source text") from None
         if form != "frames" or not frames:
             raise BadMessage(f"unknown request form {form!r} (expected 'frames' or 'bytes')")
         return capture.decode(frames[0], frames[1:], policy=self.context.policy,
-                              persistent_load=self._persistent_load)
+                              persistent_load=self._persistent_load, source_store=self.sources)
 
     def report_gpu_memory(self, torch) -> None:
         """Send the CUDA memory reserved by this process every half second, so the
@@ -187,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _die_with_parent(args.parent_pid)
     sock = socket.socket(fileno=args.channel_fd)
-    pool, segments = SegmentPool(), SegmentMap()
+    pool, segments, sources = SegmentPool(), SegmentMap(), SourceStore()
     conn = Connection(sock, pool=pool, segments=segments, shm_threshold=args.shm_threshold)
     try:
         conn.greet(peer="the supervisor")
@@ -203,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             conn.send("failed", 0, {"error": f"{type(exc).__name__}: {exc}",
                                     "traceback": traceback.format_exc()})
             return 3
-        worker = Worker(conn, handlers.Context(model=model, policy=policy, device=device, model_spec=args.model))
+        worker = Worker(conn, handlers.Context(model=model, policy=policy, device=device, model_spec=args.model),
+                        sources)
         if device.startswith("cuda"):
             import torch
 
@@ -214,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         conn.send("ready", 0, {
             "pid": os.getpid(), "device": device, "policy": policy.name, "model": args.model,
             "sandbox": str(report), "load_seconds": loaded, "kinds": handlers.kinds(),
+            "sources": sources.summary(),
         })
         worker.serve()
         return 0

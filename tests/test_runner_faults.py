@@ -136,6 +136,19 @@ def test_clean_stop_leaves_nothing_behind():
     assert torch.all(result == 1)
 
 
+def test_close_fails_waiting_requests_as_stopped_and_leaves_no_thread_running():
+    with runner.Worker(model="none", policy=POLICY) as server:
+        client = runner.Worker(socket=server.socket_path)  # closing it leaves the server up
+        running = client.submit(sleep_for, 2)
+        wait_until(lambda: client.status()["running"], what="the request to start")
+        client.close()
+        with pytest.raises(runner.WorkerStopped, match="closed before this request finished"):
+            running.result(timeout=30)
+        # A thread of ours alive at interpreter exit could make torch abort the process.
+        assert [t.name for t in (client._reader, client._leases._thread) if t.is_alive()] == []
+        assert server.call(sleep_for, 0) == 0
+
+
 def test_kill_9_of_the_server_takes_the_worker_along_and_the_client_cleans_up():
     worker = runner.Worker(model="none", policy=POLICY)
     try:

@@ -13,8 +13,8 @@ import pytest
 
 from runner import shm
 from runner.errors import BadMessage, ProtocolError, ProtocolVersionError
-from runner.protocol import (CACHED, GREETING_MAGIC, INLINE, MESSAGE_MAGIC, PROTOCOL_VERSION, SHARED, CachedRef,
-                             Connection, ConnectionClosed, SharedRef)
+from runner.protocol import (GREETING_MAGIC, INLINE, MESSAGE_MAGIC, PROTOCOL_VERSION, SHARED, Connection,
+                             ConnectionClosed, SharedRef)
 
 
 def ours():
@@ -146,7 +146,6 @@ def test_broken_framing_ends_the_connection(pair, wire, message):
     (msgpack.packb({"k": "x", "i": 3, "m": {}, "f": [[SHARED, "../../etc/passwd", 0, 1]]}), b"",
      "not a sourcebox shared-memory segment"),
     (msgpack.packb({"k": "x", "i": 3, "m": {}, "f": [[SHARED, "sbx-1-0000abcd-9", 0, 1]]}), b"", "does not exist"),
-    (msgpack.packb({"k": "x", "i": 3, "m": {}, "f": [[CACHED, b"short", 4]]}), b"", "digest"),
 ])
 def test_a_bad_message_fails_alone_and_the_stream_stays_in_step(pair, header, inline, message):
     a, b = pair
@@ -170,11 +169,10 @@ def test_a_frame_reaching_past_its_segment_is_refused(pair):
 def test_references_pass_through_a_connection_that_maps_nothing():
     left, right = socket.socketpair()
     a, b = Connection(left), Connection(right)
-    digest = bytes(range(16))
-    a.send("x", 1, {}, [SharedRef("sbx-5-0000abcd-1", 64, 10), CachedRef(digest, 3), b"abc"], offer={2: digest})
+    a.send("x", 1, {}, [SharedRef("sbx-5-0000abcd-1", 64, 10), b"abc"])
     message = b.recv()
-    assert message.frames[:2] == [SharedRef("sbx-5-0000abcd-1", 64, 10), CachedRef(digest, 3)]
-    assert message.offered == {2: digest} and message.segments == {0: "sbx-5-0000abcd-1"}
+    assert message.frames[0] == SharedRef("sbx-5-0000abcd-1", 64, 10) and bytes(message.frames[1]) == b"abc"
+    assert message.segments == {0: "sbx-5-0000abcd-1"}
     a.close()
     b.close()
 

@@ -189,28 +189,6 @@ def test_pure_bytes_helpers_carry_results_and_errors(worker, userlib):
         runner.decode_result(outcome)
 
 
-def test_repeated_code_is_sent_as_a_digest_and_a_miss_is_answered(worker):
-    big = "x" * 8000  # makes the bundle header large enough to be offered to the cache
-    before = worker.status()["cache"]
-    sent = worker.bytes_sent
-    assert worker.call(identity, big) == big
-    first = worker.bytes_sent - sent
-    assert worker.call(identity, big) == big
-    second = worker.bytes_sent - sent - first
-    assert second < 100 < first
-    after = worker.status()["cache"]
-    assert after["hits"] == before["hits"] + 1
-    # A client that believes the server holds a header it never saw (as after the
-    # server's cache dropped it) sends the digest; the miss is answered with a resend.
-    other = big + "y"
-    header = runner.client.capture.encode_variables(
-        {"fn": identity, "args": (other,), "kwargs": {}}, policy=worker.policy,
-        persistent_id=runner.client._model_token).header
-    worker._known.add(runner.client._digest(header))
-    assert worker.call(identity, other) == other
-    assert worker.status()["cache"]["misses"] == after["misses"] + 1
-
-
 def test_concurrent_calls_from_threads_are_matched_to_their_results(worker):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda n: worker.call(add, n, b=n), range(40)))
