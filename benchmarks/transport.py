@@ -157,7 +157,7 @@ def _empty_call(worker: Any, pipe: PipeWorker, user: UserCode, settings: Setting
 
 def _first_and_repeat(worker: Any, fn: Callable, *args: Any) -> tuple[Any, dict]:
     """The call's result, and the bytes the client wrote for it the first time and the
-    second (when the worker already holds a large enough header under its digest)."""
+    second (when the worker already holds the call's source segments by digest)."""
     sent, results = [], []
     for _ in range(2):
         before = worker.bytes_sent
