@@ -161,7 +161,7 @@ def _worker(results: dict) -> list[str]:
              bytes_text(call["pipe_payload_bytes"])] for call in worker["calls"]]
     lines += _table(["argument", "worker", "pipe", "worker / pipe", "worker request bytes (first / repeat)",
                      "pipe payload"], rows)
-    lines += ["A repeat request sends a large enough header the worker already holds as its digest; "
+    lines += ["A repeat request sends only the digests of source segments the worker already holds; "
               "shared-memory frames count in full.", "",
               "### Tensor round trips (`echo(tensor)`, float32)", ""]
     memcpy_name = next((name for name in worker["tensors"][0]["times"] if name.startswith("memcpy")), None) \
