@@ -135,7 +135,7 @@ class Encoder:
         self.modules: list[_ModuleRecord] = []
         self.module_index: dict[int, _ModuleRecord] = {}
         self.storages: dict[tuple, int] = {}
-        self.tensors: list[tuple[list, Any]] = []
+        self.tensors: list[tuple[dict, Any]] = []  # (metadata, tensor), finalised in bundle()
         self.journal: list[tuple] = []
         self.strings: dict[str, Any] = {}
         self.depth = 0
@@ -174,24 +174,24 @@ class Encoder:
     def value(self, obj: Any, path: str) -> Any:
         kind = type(obj)
         if kind is str and not obj.isascii() and _has_lone_surrogate(obj):
-            return self._node(obj, [fmt.SURROGATE_STR, obj.encode("utf-8", "surrogatepass")])
+            return self._new_node(obj, [fmt.SURROGATE_STR, obj.encode("utf-8", "surrogatepass")])
         if kind is str and len(obj) >= _SHARED_STRING_MIN:
             return self._string(obj)
         if kind in _SCALARS:
             return obj
         if kind is int:
-            return obj if _INT_RANGE[0] <= obj <= _INT_RANGE[1] else self._node(obj, [fmt.BIGINT, str(obj)])
+            return obj if _INT_RANGE[0] <= obj <= _INT_RANGE[1] else self._new_node(obj, [fmt.BIGINT, str(obj)])
         if kind is bytes:
             if len(obj) <= BYTES_FRAME_THRESHOLD:
                 return obj
-            return self._node(obj, [fmt.BYTES_FRAME, self._frame(memoryview(obj), obj)])
+            return self._new_node(obj, [fmt.BYTES_FRAME, self._frame(memoryview(obj), obj)])
         ref = self.memo.get(id(obj))
         if ref is not None:
             return ref
         if self.persistent_id is not None:
             token = self.persistent_id(obj)
             if token is not None:
-                return self._node(obj, [fmt.PERSISTENT, token])
+                return self._new_node(obj, [fmt.PERSISTENT, token])
         self.depth += 1
         if self.depth > _MAX_DEPTH:
             raise CaptureError(path, kind.__name__, f"the object graph nests deeper than {_MAX_DEPTH} levels",
@@ -209,15 +209,9 @@ class Encoder:
         if kind is tuple:
             items = [self.value(v, f"{path}[{i}]") for i, v in enumerate(obj)]
             # A tuple reached again through a list inside it was encoded by that inner visit.
-            return self.memo.get(id(obj)) or self._node(obj, [fmt.TUPLE, items])
-        if kind is dict:
-            ref = self._new_node(obj, [fmt.DICT, None])
-            self.nodes[ref.index][1] = [
-                [self.value(k, f"{path}.<key>"), self.value(v, f"{path}[{k!r}]")] for k, v in obj.items()
-            ]
-            return ref
-        if kind is collections.OrderedDict:
-            ref = self._new_node(obj, [fmt.ORDERED_DICT, None])
+            return self.memo.get(id(obj)) or self._new_node(obj, [fmt.TUPLE, items])
+        if kind is dict or kind is collections.OrderedDict:
+            ref = self._new_node(obj, [fmt.DICT if kind is dict else fmt.ORDERED_DICT, None])
             self.nodes[ref.index][1] = [
                 [self.value(k, f"{path}.<key>"), self.value(v, f"{path}[{k!r}]")] for k, v in obj.items()
             ]
@@ -228,9 +222,9 @@ class Encoder:
             self.nodes[ref.index][1] = [self.value(v, f"{path}.<item>") for v in _stable_order(obj)]
             return ref
         if kind is bytearray:
-            return self._node(obj, [fmt.BYTEARRAY, bytes(obj)])
+            return self._new_node(obj, [fmt.BYTEARRAY, bytes(obj)])
         if kind is complex:
-            return self._node(obj, [fmt.COMPLEX, obj.real, obj.imag])
+            return self._new_node(obj, [fmt.COMPLEX, obj.real, obj.imag])
         if arrays.is_tensor(obj):
             return self._tensor(obj, path)
         if arrays.is_ndarray(obj):
@@ -291,9 +285,6 @@ class Encoder:
         self.keepalive.append(obj)
         self.journal.append(("memo", id(obj)))
         return ref
-
-    def _node(self, obj: Any, node: list) -> fmt.Ref:
-        return self._new_node(obj, node)
 
     def _frame(self, view: memoryview, owner: Any) -> int:
         self.frames.append(view)
@@ -383,7 +374,7 @@ class Encoder:
     def _module(self, module: types.ModuleType, path: str, full: bool) -> Any:
         name = module.__name__
         if self.dest.provides(name):
-            return self._node(module, [fmt.REFERENCE, name, ""])
+            return self._new_node(module, [fmt.REFERENCE, name, ""])
         if not _has_source(module):
             raise CaptureError(
                 path, f"module {name}",
@@ -392,7 +383,7 @@ class Encoder:
                 f"Use only modules the destination provides, or ask the server to install {name!r} "
                 "(and add it to your policy).")
         record = self._record(vars(module), path)
-        ref = self.memo.get(id(module)) or self._node(module, [fmt.MODULE, record.index])
+        ref = self.memo.get(id(module)) or self._new_node(module, [fmt.MODULE, record.index])
         if full and not record.full:
             record.full = True
             self._ship_whole_module(module, record, path)
@@ -450,7 +441,7 @@ class Encoder:
             return None
         if found is not obj:
             return None
-        return self._node(obj, [fmt.REFERENCE, module, qualname])
+        return self._new_node(obj, [fmt.REFERENCE, module, qualname])
 
     def _builtin(self, obj: Any, path: str) -> fmt.Ref:
         owner = getattr(obj, "__self__", None)
@@ -463,7 +454,7 @@ class Encoder:
             raise CaptureError(path, _type_name(obj),
                                f"built-in {obj.__qualname__!r} of module {module!r} is not on the destination "
                                f"({self._dest_name()}) and has no source", "Use a function the destination provides.")
-        return self._node(obj, [fmt.ATTRIBUTE, self.value(owner, f"{path}.__self__"), obj.__name__])
+        return self._new_node(obj, [fmt.ATTRIBUTE, self.value(owner, f"{path}.__self__"), obj.__name__])
 
     # --- functions ---
 
@@ -479,7 +470,7 @@ class Encoder:
                                "Wrap the call in a function of your own module.")
         owner = self._owning_class(fn)
         if owner is not None:
-            return self._node(fn, [fmt.ATTRIBUTE, self.value(owner, f"{path}.<class>"), fn.__name__])
+            return self._new_node(fn, [fmt.ATTRIBUTE, self.value(owner, f"{path}.<class>"), fn.__name__])
         try:
             segment = function_segment(fn.__code__, fn.__globals__)
         except SourceUnavailable as exc:
@@ -572,7 +563,7 @@ class Encoder:
             except CaptureError:
                 self.rollback(mark)
                 result[name] = value if isinstance(value, str) else repr(value)
-        return self._node(annotations, [fmt.DICT, [[k, v] for k, v in result.items()]])
+        return self._new_node(annotations, [fmt.DICT, [[k, v] for k, v in result.items()]])
 
     # --- classes ---
 
@@ -600,7 +591,7 @@ class Encoder:
             except (KeyError, AttributeError):
                 outer = None
             if isinstance(outer, type) and vars(outer).get(name) is cls:
-                return self._node(cls, [fmt.ATTRIBUTE, self.value(outer, f"{path}.<outer class>"), name])
+                return self._new_node(cls, [fmt.ATTRIBUTE, self.value(outer, f"{path}.<outer class>"), name])
         home = sys.modules.get(module)
         if home is not None and _is_compiled(home):
             raise CaptureError(path, "class", f"{cls.__qualname__!r} comes from {module!r}, which the destination "
@@ -746,7 +737,7 @@ class Encoder:
             raise CaptureError(path, f"ndarray[{array.dtype}]", "object and structured arrays hold Python "
                                "objects or named fields, not raw numbers", "Convert to a numeric array or a list.")
         contiguous, view = arrays.ndarray_frame(array)
-        return self._node(array, [fmt.NDARRAY, self._frame(view, contiguous), array.dtype.str, list(array.shape)])
+        return self._new_node(array, [fmt.NDARRAY, self._frame(view, contiguous), array.dtype.str, list(array.shape)])
 
     # --- everything else: the reduce protocol ---
 
@@ -792,10 +783,10 @@ class Encoder:
     def _state(self, state: Any, path: str) -> Any:
         """Instance state, with error paths that read like attribute access."""
         if type(state) is dict and all(type(k) is str for k in state):
-            return self._node(state, [fmt.DICT, [[self.value(k, path), self.value(v, f"{path}.{k}")]
+            return self._new_node(state, [fmt.DICT, [[self.value(k, path), self.value(v, f"{path}.{k}")]
                                                  for k, v in state.items()]])
         if type(state) is tuple and len(state) == 2 and all(s is None or type(s) is dict for s in state):
-            return self._node(state, [fmt.TUPLE, [self._state(s, path) if s is not None else None for s in state]])
+            return self._new_node(state, [fmt.TUPLE, [self._state(s, path) if s is not None else None for s in state]])
         return self.value(state, f"{path}.<state>")
 
 
