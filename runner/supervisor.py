@@ -18,6 +18,7 @@ running. It
 from __future__ import annotations
 
 import collections
+import glob
 import itertools
 import os
 import select
@@ -94,6 +95,21 @@ class StartFailed(Exception):
     """The worker could not start; the message holds its error and output."""
 
 
+#: Worker scratch directories are named after their server, so that a later server can
+#: remove those whose server was killed before it could (``kill -9``).
+_SCRATCH_PREFIX = "sourcebox-scratch-"
+
+
+def _sweep_orphan_scratch() -> list[str]:
+    removed = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), _SCRATCH_PREFIX + "*")):
+        owner = os.path.basename(path)[len(_SCRATCH_PREFIX):].partition("-")[0]
+        if owner.isdigit() and not shm.alive(int(owner)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 class Supervisor:
     """Serve ``socket_path`` until stopped (``serve()`` returns the exit status)."""
 
@@ -137,6 +153,9 @@ class Supervisor:
         removed = shm.sweep_orphans()
         if removed:
             self._say(f"removed {len(removed)} shared-memory segments of dead processes")
+        removed = _sweep_orphan_scratch()
+        if removed:
+            self._say(f"removed {len(removed)} scratch directories of dead servers")
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop())
         threading.Thread(target=self._accept, daemon=True, name="accept").start()
@@ -161,7 +180,7 @@ class Supervisor:
     def _start_worker(self) -> None:
         self.state = "starting" if not self._ready.is_set() else "restarting"
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        scratch = tempfile.mkdtemp(prefix="sourcebox-scratch-")
+        scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
         argv = [sys.executable, "-m", "runner.worker", "--channel-fd", str(child_end.fileno()),
                 "--parent-pid", str(os.getpid()), "--model", self.model, "--device", self.device,
                 "--confine", self.confine, "--handlers", ",".join(self.handlers),
@@ -553,6 +572,14 @@ class Supervisor:
                 os.unlink(self.socket_path)
             except FileNotFoundError:
                 pass
+            directory = os.path.dirname(self.socket_path)
+            if os.path.basename(directory).startswith("sourcebox-"):
+                # The private directory a Worker made for this socket: gone with us even
+                # when that client was killed before it could remove it.
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    pass
         self._fail_queued(failure(errors.STOPPED, "the worker server stopped before this request ran"))
         worker, self.worker = self.worker, None
         if worker is not None:

@@ -1,10 +1,12 @@
 """Faults and fairness with real processes: kill -9 of the worker, of a client and of the
 server; clean stops; timeouts and memory limits; several client processes at once.
 After each, /dev/shm must hold nothing of the dead process."""
+import glob
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -165,6 +167,12 @@ def test_kill_9_of_the_server_takes_the_worker_along_and_the_client_cleans_up():
             worker.call(sleep_for, 0)
     finally:
         worker.close()
+    # Nobody was left to remove the dead server's worker scratch: the next server does.
+    orphaned = glob.glob(os.path.join(tempfile.gettempdir(), f"sourcebox-scratch-{worker.server_pid}-*"))
+    assert orphaned, "the killed server's worker scratch directory should still be there"
+    with runner.Worker(model="none", policy=POLICY) as successor:
+        successor.ping()
+        assert not any(os.path.exists(path) for path in orphaned)
 
 
 def test_a_request_past_its_timeout_kills_and_restarts_the_worker():
