@@ -22,8 +22,12 @@ def describe(data: bytes) -> str:
         lines.append(f"  {record['name']}  ({record['file'] or 'no file'})  globals: {names}")
     lines.append(f"definitions ({len(sources)} source segments):")
     for s in sources:
-        first = s["text"].lstrip().splitlines()[0] if s["text"].strip() else ""
-        lines.append(f"  {s['file']}:{s['line']}  {s['kind']:6} {len(s['text'])} chars  {first[:60]}")
+        text = s.get("text")
+        if text is None:
+            lines.append(f"  {s.get('file')}:{s.get('line')}  {s.get('kind')!s:6} sent by digest {s.get('digest')}")
+            continue
+        first = text.lstrip().splitlines()[0] if text.strip() else ""
+        lines.append(f"  {s.get('file')}:{s.get('line')}  {s.get('kind')!s:6} {len(text)} chars  {first[:60]}")
     tags = collections.Counter(node[0] for node in header["nodes"] if isinstance(node, list) and node)
     lines.append(f"values ({len(header['nodes'])} nodes): " + ", ".join(f"{t} {n}" for t, n in sorted(tags.items())))
     lines.append(f"frames ({len(header['frames'])}):")
@@ -49,7 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with open(args.file, "rb") as f:
-            print(describe(f.read()))
+            data = f.read()
+        try:
+            text = describe(data)
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+            if isinstance(exc, BundleError):
+                raise
+            raise BundleError(f"malformed bundle: {type(exc).__name__}: {exc}") from None
+        print(text)
     except (OSError, BundleError) as exc:
         print(f"python -m capture inspect: {args.file}: {exc}", file=sys.stderr)
         return 1

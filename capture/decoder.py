@@ -17,6 +17,8 @@ from .errors import BundleError, MissingSources
 from .source import CLOSURE_WRAPPER, Segment, code_of, compile_segment, register_lines
 
 _MISSING = object()
+#: Shipped code is registered in linecache at its real lines: bound what a bundle may claim.
+_MAX_LINE = 1_000_000
 
 
 class Unavailable:
@@ -480,14 +482,19 @@ def read_segments(sources: list, store: MutableMapping[str, str] | None) -> list
     """The source table as segments. Entries without text are looked up in ``store``
     (a worker's memory of what it was sent before); every missing one is reported at once."""
     segments, missing = [], []
+    last_lines: dict[str, int] = {}  # per file: receivers pad linecache up to each segment's line
     for s in sources:
         _expect(s, dict, "source")
         kind = s.get("kind")
         if kind not in ("def", "class", "lambda"):
             raise BundleError(f"malformed bundle: source kind {kind!r}")
         line, col = _expect(s.get("line"), int, "source line"), _expect(s.get("col"), int, "source column")
-        if not 1 <= line <= 10_000_000 or not 0 <= col <= 100_000:
+        if not 1 <= line <= _MAX_LINE or not 0 <= col <= 100_000:
             raise BundleError(f"malformed bundle: source position {line}:{col}")
+        file = _expect(s.get("file"), str, "source file")
+        last_lines[file] = max(line, last_lines.get(file, 0))
+        if sum(last_lines.values()) > _MAX_LINE:
+            raise BundleError(f"malformed bundle: its sources claim more than {_MAX_LINE} lines of files")
         digest = _expect(s.get("digest"), str, "source digest")
         text = s.get("text")
         if text is None:
@@ -495,7 +502,7 @@ def read_segments(sources: list, store: MutableMapping[str, str] | None) -> list
             if text is None:
                 missing.append(digest)
                 continue
-        segment = Segment(_expect(s.get("file"), str, "source file"), line, col, kind, _expect(text, str, "source text"),
+        segment = Segment(file, line, col, kind, _expect(text, str, "source text"),
                           tuple(_expect(f, str, "future name") for f in _expect(s.get("futures"), list, "futures")),
                           _expect(s.get("end_col", 0), int, "source end column"))
         if store is not None and "text" in s:  # a store must not learn text under a false name

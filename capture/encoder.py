@@ -274,6 +274,7 @@ class Encoder:
             seen = fmt.Ref(len(self.nodes))
             self.nodes.append([fmt.STRING, text])
             self.strings[text] = seen
+            self.journal.append(("shared string", text))
         return seen
 
     # --- bookkeeping ---
@@ -323,6 +324,8 @@ class Encoder:
                 self.storages.pop(entry[1], None)
             elif entry[0] == "string":
                 self.strings.pop(entry[1], None)
+            elif entry[0] == "shared string":  # its node is gone: back to "seen once"
+                self.strings[entry[1]] = False
         for segment in list(self.source_index):
             if self.source_index[segment] >= sources:
                 del self.source_index[segment]
@@ -470,7 +473,8 @@ class Encoder:
                                "Wrap the call in a function of your own module.")
         owner = self._owning_class(fn)
         if owner is not None:
-            return self._new_node(fn, [fmt.ATTRIBUTE, self.value(owner, f"{path}.<class>"), fn.__name__])
+            name = fn.__qualname__.rpartition(".")[2]  # the attribute, whatever __name__ became
+            return self._new_node(fn, [fmt.ATTRIBUTE, self.value(owner, f"{path}.<class>"), name])
         try:
             segment = function_segment(fn.__code__, fn.__globals__)
         except SourceUnavailable as exc:
@@ -640,7 +644,7 @@ class Encoder:
         None, and its effect survives through the class attributes restored afterwards.
         """
         cells: dict[str, Any] = {}
-        for value in vars(cls).values():
+        for value in list(vars(cls).values()):
             func = getattr(value, "__func__", value)
             if isinstance(func, types.FunctionType) and func.__closure__:
                 for name, cell in zip(func.__code__.co_freevars, func.__closure__):
@@ -659,7 +663,7 @@ class Encoder:
         if issubclass(cls, enum.Enum):
             return {}
         attrs = {}
-        for name, value in vars(cls).items():
+        for name, value in list(vars(cls).items()):  # reducing an instance may add __slotnames__
             if (name.startswith("__") and name.endswith("__")) or name.startswith("_abc_") \
                     or name in ("_fields", "_field_defaults"):
                 continue
@@ -694,6 +698,10 @@ class Encoder:
         if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type == "meta":
             raise CaptureError(path, "Tensor", f"only dense tensors with data travel (this one is "
                                f"{tensor.layout}, device {tensor.device})", "Convert with .to_dense() or materialise it.")
+        ref = self._new_node(tensor, [fmt.TENSOR, None])
+        if tensor.is_conj() or tensor.is_neg():
+            # A lazy conjugate/negative view: its storage holds the unresolved values.
+            tensor = tensor.resolve_conj().resolve_neg()
         meta = {
             "storage": None, "dtype": arrays.dtype_name(tensor), "shape": list(tensor.shape),
             "stride": list(tensor.stride()), "offset": tensor.storage_offset(),
@@ -702,7 +710,6 @@ class Encoder:
         }
         storage = tensor.untyped_storage()
         key = (storage.data_ptr(), storage.device.type, storage.nbytes())
-        ref = self._new_node(tensor, [fmt.TENSOR, None])
         meta["node"] = self.nodes[ref.index]
         if key not in self.storages or storage.nbytes() == 0:
             host, view = arrays.storage_view(tensor)
@@ -758,7 +765,14 @@ class Encoder:
         if not isinstance(reduced, tuple) or not 2 <= len(reduced) <= 6:
             raise CaptureError(path, _type_name(obj), "its __reduce_ex__ returned an unusable value",
                                "Fix the class's __reduce__.")
-        func, args, state, listitems, dictitems = (tuple(reduced) + (None,) * 4)[:5]
+        func, args, state, listitems, dictitems, state_setter = (tuple(reduced) + (None,) * 5)[:6]
+        if state_setter is not None:
+            raise CaptureError(path, _type_name(obj), "its __reduce__ names a state setter, which bundles "
+                               "do not carry", "Return state that __setstate__ (or plain attribute "
+                               "assignment) restores, without the sixth element.")
+        if not isinstance(args, tuple) or not callable(func):
+            raise CaptureError(path, _type_name(obj), "its __reduce__ did not return a callable and an "
+                               "argument tuple", "Fix the class's __reduce__.")
         if func is copyreg.__newobj__ or func is copyreg.__newobj_ex__:
             cls, new_args = args[0], args[1:]
             kwargs = {}
@@ -800,11 +814,24 @@ def _has_lone_surrogate(text: str) -> bool:
 
 
 def _stable_order(items: Any) -> list:
-    """Set members in an order that does not depend on hash randomisation."""
-    try:
-        return sorted(items)
-    except TypeError:
-        return sorted(items, key=lambda v: (type(v).__qualname__, repr(v)))
+    """Set members in an order that does not depend on hash randomisation, without calling
+    the members' own comparisons (a tensor's ``<`` raises, a frozenset's is partial).
+    Members without a canonical form (identity-hashed objects) keep their set order."""
+    keyed = [(_canonical_key(v), i, v) for i, v in enumerate(items)]
+    keyed.sort(key=lambda entry: (entry[0] is None, entry[0] or (), entry[1]))
+    return [v for _, _, v in keyed]
+
+
+def _canonical_key(value: Any) -> tuple | None:
+    kind = type(value)
+    if kind in (bool, int, float, str, bytes, type(None)):
+        return (kind.__name__, repr(value))
+    if kind in (tuple, frozenset):
+        keys = [_canonical_key(v) for v in value]
+        if any(k is None for k in keys):
+            return None
+        return (kind.__name__, tuple(keys if kind is tuple else sorted(keys)))
+    return None
 
 
 def _type_name(obj: Any) -> str:

@@ -192,8 +192,23 @@ def _own_functions(cls: type) -> Iterator[types.FunctionType]:
 
 
 def _plain_function(value: object) -> types.FunctionType | None:
-    func = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
-    return func if isinstance(func, types.FunctionType) else None
+    """The function inside a method-like class attribute: staticmethod, classmethod,
+    functools.cached_property / partial (``.func``) and wrappers (``__wrapped__``)."""
+    for _ in range(8):  # wrappers of wrappers, but never a loop
+        if isinstance(value, types.FunctionType):
+            return value
+        inner = None
+        for attribute in ("__func__", "func", "__wrapped__"):
+            try:
+                inner = getattr(value, attribute, None)
+            except Exception:  # an attribute that raises is not a wrapper's
+                inner = None
+            if inner is not None:
+                break
+        if inner is None:
+            return None
+        value = inner
+    return None
 
 
 def defined_by_class_statement(cls: type, name: str, value: object, segment: Segment) -> bool:
