@@ -431,15 +431,10 @@ class Guard:
             value = getattr(module, name)
             if isinstance(value, types.ModuleType) and self.visible_module(value.__name__):
                 return self.module_for_user(value.__name__, value, how=f"{owner}.{name}", attribute_of=owner)
-            raise AttributeViolation(
-                f"{owner}.{name} refused: policy {self.policy.name!r} does not provide {owner!r}; "
-                f"it only lets user code pass through {owner!r} to the modules beneath it that "
-                f"the policy provides.",
-                module=owner,
-                attribute=name,
-                rule=self.policy.decide(owner).describe(self.policy.name),
-                policy=self.policy.name,
-            )
+            raise self._transit_violation(
+                owner, name, f"{owner}.{name} refused: policy {self.policy.name!r} does not provide "
+                f"{owner!r}; it only lets user code pass through {owner!r} to the modules beneath it "
+                f"that the policy provides.")
         decision = self.policy.decide(owner, name)
         if not decision.action.permits:
             self._refuse_attribute(owner, name, decision)
@@ -480,16 +475,16 @@ class Guard:
         """Setting or deleting an attribute through a facade needs the same permission as reading it."""
         owner = module.__name__
         if transit:
-            raise AttributeViolation(
-                f"cannot change {owner}.{name}: policy {self.policy.name!r} does not provide {owner!r}",
-                module=owner,
-                attribute=name,
-                rule=self.policy.decide(owner).describe(self.policy.name),
-                policy=self.policy.name,
-            )
+            raise self._transit_violation(
+                owner, name, f"cannot change {owner}.{name}: policy {self.policy.name!r} does not provide {owner!r}")
         decision = self.policy.decide(owner, name)
         if not decision.action.permits:
             self._refuse_attribute(owner, name, decision)
+
+    def _transit_violation(self, owner: str, name: str, message: str) -> AttributeViolation:
+        """Refusal for a module user code only passes through on the way to an allowed one."""
+        return AttributeViolation(message, module=owner, attribute=name,
+                                  rule=self.policy.decide(owner).describe(self.policy.name), policy=self.policy.name)
 
     def _attribute_visible(self, module: types.ModuleType, name: str) -> bool:
         if not isinstance(name, str):
