@@ -8,7 +8,6 @@ per call for a ~100 KB module (the numbers in docs/RUNNER.md, "Repeated code").
 import importlib
 import os
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import msgpack
 import pytest
 
 import runner
-from runner.protocol import Connection
+from runner_support import raw_client
 from runner.worker import SourceStore
 
 POLICY = "nnsight-local"
@@ -110,15 +109,6 @@ def test_after_the_worker_is_killed_a_call_succeeds_through_the_miss_path(module
 
 # -- a hand-written client on the raw protocol -------------------------------------------
 
-def raw_client(worker):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(worker.socket_path)
-    sock.settimeout(30)
-    conn = Connection(sock)
-    conn.greet(peer="server")
-    conn.send("hello", 0, {"token": "0badf00d"})
-    assert conn.recv().kind == "welcome"
-    return conn
 
 
 def send_call(conn, request_id, bundle):

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import runner
+from runner_support import raw_client
 from runner import shm
-from runner.protocol import GREETING_MAGIC, MESSAGE_MAGIC, PROTOCOL_VERSION, Connection
+from runner.protocol import GREETING_MAGIC, MESSAGE_MAGIC, PROTOCOL_VERSION
 
 POLICY = "nnsight-local"
 
@@ -225,19 +226,10 @@ def test_status_and_stop_from_the_command_line(tmp_path):
 
 # -- raw sockets against the live server ------------------------------------------------
 
-def raw_client(worker):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(worker.socket_path)
-    sock.settimeout(10)
-    conn = Connection(sock)
-    conn.greet(peer="server")
-    conn.send("hello", 0, {"token": "0badf00d"})
-    assert conn.recv().kind == "welcome"
-    return conn
 
 
 def test_malformed_header_fails_that_request_only(worker):
-    conn = raw_client(worker)
+    conn = raw_client(worker, timeout=10)
     conn.sock.sendall(struct.pack("<4sIQ", MESSAGE_MAGIC, 1, 0) + b"\xc1")
     reply = conn.recv()
     assert reply.kind == "error" and "malformed message header" in reply.meta["error"]["message"]
@@ -253,7 +245,7 @@ def test_malformed_header_fails_that_request_only(worker):
     ({"kind": "call"}, [runner.protocol.SharedRef("sbx-1-0000abcd-1", 0, 8)], "not this client's"),
 ])
 def test_hostile_requests_are_refused_with_a_clear_error(worker, meta, frames, message):
-    conn = raw_client(worker)
+    conn = raw_client(worker, timeout=10)
     conn.send("request", 9, meta, frames)
     reply = conn.recv()
     assert reply.kind == "error" and reply.id == 9
@@ -263,7 +255,7 @@ def test_hostile_requests_are_refused_with_a_clear_error(worker, meta, frames, m
 
 
 def test_broken_framing_drops_only_that_connection(worker):
-    conn = raw_client(worker)
+    conn = raw_client(worker, timeout=10)
     conn.sock.sendall(b"GARBAGE-GARBAGE-GARBAGE")
     reply = conn.recv()
     assert reply.kind == "error" and "out of step" in reply.meta["error"]["message"]
