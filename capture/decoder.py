@@ -14,7 +14,7 @@ from typing import Any, Callable, MutableMapping, Sequence
 from . import arrays, format as fmt
 from .destination import DEFAULT
 from .errors import BundleError, MissingSources
-from .source import CLOSURE_WRAPPER, Segment, code_of, compile_segment, register_lines
+from .source import CLOSURE_WRAPPER, Segment, class_closure_code, code_of, compile_segment, register_lines
 
 _MISSING = object()
 #: Shipped code is registered in linecache at its real lines: bound what a bundle may claim.
@@ -356,13 +356,15 @@ class Decoder:
         freevars = tuple(sorted(closure))
         code = compile_segment(segment, freevars)
         namespace = self.namespace(spec["module"])
-        scope: dict[str, Any] = {}
-        exec(code, namespace, scope)
         if freevars:
-            values = [self._cell_for(closure[name]).cell_contents if closure[name] is not None else None
-                      for name in freevars]
-            cls = scope[CLOSURE_WRAPPER](*values)
+            runner_code = class_closure_code(code)
+            # A variable only the class body read has no cell of its own: it reads None.
+            cells = tuple(self._cell_for(closure[name]) if closure.get(name) is not None else types.CellType(None)
+                          for name in runner_code.co_freevars)
+            cls = types.FunctionType(runner_code, namespace, CLOSURE_WRAPPER, None, cells)()
         else:
+            scope: dict[str, Any] = {}
+            exec(code, namespace, scope)
             cls = scope[_expect(spec["name"], str, "class name")]
         self._register(index, cls)
         cls.__qualname__ = _expect(spec["qualname"], str, "qualified name")

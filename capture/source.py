@@ -21,6 +21,7 @@ from typing import Iterator
 from .errors import BundleError
 
 CLOSURE_WRAPPER = "__sourcebox_closure__"
+CELL_HOLDER = "__sourcebox_cells__"
 _FUTURE_FLAGS = {name: getattr(__future__, name).compiler_flag for name in __future__.all_feature_names}
 
 
@@ -306,23 +307,40 @@ def compile_segment(segment: Segment, freevars: tuple[str, ...]) -> types.CodeTy
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         node.decorator_list = []
     statement = ast.copy_location(ast.Expr(node), node) if isinstance(node, ast.Lambda) else node
-    if freevars:
-        result = ast.Return(ast.Name(node.name, ast.Load())) if isinstance(node, ast.ClassDef) else ast.Pass()
-        wrapper = ast.FunctionDef(
-            name=CLOSURE_WRAPPER,
-            args=ast.arguments(posonlyargs=[], args=[ast.arg(v) for v in freevars], kwonlyargs=[],
-                               kw_defaults=[], defaults=[]),
-            body=[statement, result], decorator_list=[], returns=None, type_params=[],
-        )
-        ast.copy_location(wrapper, node)
-        ast.copy_location(result, node)
-        ast.fix_missing_locations(wrapper)
-        statement = wrapper
+    if freevars and isinstance(node, ast.ClassDef):
+        # def __sourcebox_cells__():  <freevars> = None
+        #     def __sourcebox_closure__(): <class statement>; return <class>
+        # The inner function's free variables are the class's: the receiver builds it
+        # over the shipped cells, so the class shares them with other closures.
+        inner = _function_def(CLOSURE_WRAPPER, (), [statement, ast.Return(ast.Name(node.name, ast.Load()))], node)
+        assign = ast.Assign(targets=[ast.Name(v, ast.Store()) for v in freevars], value=ast.Constant(None))
+        statement = _function_def(CELL_HOLDER, (), [assign, inner], node)
+    elif freevars:
+        statement = _function_def(CLOSURE_WRAPPER, freevars, [statement, ast.Pass()], node)
     module = ast.Module(body=[statement], type_ignores=[])
     flags = 0
     for name in segment.futures:
         flags |= _FUTURE_FLAGS.get(name, 0)
     return compile(module, segment.file, "exec", flags=flags, dont_inherit=True)
+
+
+def _function_def(name: str, parameters: tuple[str, ...], body: list[ast.stmt], at: ast.AST) -> ast.FunctionDef:
+    """A synthetic ``def`` placed at ``at``'s position (it adds no lines of its own)."""
+    function = ast.FunctionDef(
+        name=name, args=ast.arguments(posonlyargs=[], args=[ast.arg(p) for p in parameters], kwonlyargs=[],
+                                      kw_defaults=[], defaults=[]),
+        body=body, decorator_list=[], returns=None, type_params=[],
+    )
+    for part in [function, *body]:
+        if not hasattr(part, "lineno"):
+            ast.copy_location(part, at)
+    return ast.fix_missing_locations(function)
+
+
+def class_closure_code(module_code: types.CodeType) -> types.CodeType:
+    """The code of the function that runs a class statement over shipped cells."""
+    holder = next(c for c in module_code.co_consts if isinstance(c, types.CodeType))
+    return next(c for c in holder.co_consts if isinstance(c, types.CodeType) and c.co_name == CLOSURE_WRAPPER)
 
 
 def _parse_segment(segment: Segment) -> ast.AST:

@@ -50,6 +50,20 @@ def check_method_renamed_by_a_decorator(obj, expected):
     assert obj.__name__ == "pretty" and obj(None) == "method"
 
 
+def counter_class_and_increment(user):
+    counter_class, increment = user.corners.make_counter_class()
+    increment()
+    return counter_class, increment
+
+
+@cases.case(build=counter_class_and_increment)
+def check_class_defined_in_a_function_shares_cells_with_sibling_closures(obj, expected):
+    counter_class, increment = obj
+    assert counter_class().current() == 1
+    assert increment() == 2
+    assert counter_class().current() == 2, "the class's methods no longer share the closure cell"
+
+
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     with UserCode(tmp_path_factory.mktemp("user"), USER_MODULES) as user:

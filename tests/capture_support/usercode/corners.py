@@ -32,3 +32,18 @@ class Renamed:
     @rename("pretty")
     def method(self):
         return "method"
+
+
+def make_counter_class():
+    count = 0
+
+    class Counter:
+        def current(self):
+            return count
+
+    def increment():
+        nonlocal count
+        count += 1
+        return count
+
+    return Counter, increment
