@@ -345,14 +345,7 @@ class Guard:
 
     def _refuse_import(self, module: str, decision: Decision, *, how: str, attribute: str | None = None) -> None:
         rule = decision.describe(self.policy.name)
-        if decision.action is Action.KILL:
-            raise PolicyKill(
-                f"request ended: `{how}` matched a KILL rule: {rule}.",
-                module=module,
-                attribute=attribute,
-                rule=rule,
-                policy=self.policy.name,
-            )
+        self._end_request_if_kill(decision, f"`{how}`", module, attribute, rule)
         target = f"{module}.{attribute}" if attribute else module
         raise PolicyViolation(
             f"`{how}` refused: {target!r} is refused by {rule}. "
@@ -452,16 +445,15 @@ class Guard:
             return self.module_for_user(value.__name__, value, how=f"{owner}.{name}", attribute_of=owner)
         return value
 
+    def _end_request_if_kill(self, decision: Decision, what: str, module: str, attribute: str | None,
+                             rule: str) -> None:
+        if decision.action is Action.KILL:
+            raise PolicyKill(f"request ended: {what} matched a KILL rule: {rule}.", module=module,
+                             attribute=attribute, rule=rule, policy=self.policy.name)
+
     def _refuse_attribute(self, owner: str, name: str, decision: Decision) -> None:
         rule = decision.describe(self.policy.name)
-        if decision.action is Action.KILL:
-            raise PolicyKill(
-                f"request ended: {owner}.{name} matched a KILL rule: {rule}.",
-                module=owner,
-                attribute=name,
-                rule=rule,
-                policy=self.policy.name,
-            )
+        self._end_request_if_kill(decision, f"{owner}.{name}", owner, name, rule)
         raise AttributeViolation(
             f"{owner}.{name} is refused by {rule}. What to do: do without it in code that runs "
             f"on the worker, or run against a policy that provides it.",
