@@ -7,12 +7,10 @@ the worker cannot import.
 """
 
 import time
-import warnings
 
-import nnsight
+from nnsight import TransformersModel
 import runner
 import runner.nnsight
-from runner import models
 
 import research_lib
 
@@ -29,9 +27,7 @@ def main():
     with runner.Worker(model="tiny-gpt2") as worker:
         print(f"worker ready in {time.monotonic() - started:.1f} s (policy {worker.policy.name!r})")
         runner.nnsight.install(worker)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", nnsight.NNsightDeprecationWarning)
-            model = nnsight.LanguageModel(models.path("tiny-gpt2"))
+        model = TransformersModel(runner.models.path("tiny-gpt2"), task="text-generation")
 
         print("\nLogit lens on 'The Eiffel Tower is in': top guesses per layer")
         for depth, guesses in enumerate(research_lib.logit_lens(model, "The Eiffel Tower is in")):

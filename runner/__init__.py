@@ -17,3 +17,13 @@ __all__ = [
     "WorkerCrashed", "RequestTimeout", "MemoryLimitExceeded", "WorkerStartError", "WorkerStopped",
     "PROTOCOL_VERSION",
 ]
+
+
+def __getattr__(name: str):
+    # runner.models brings in transformers' pipeline machinery (seconds): imported on first
+    # use of `runner.models`, so a client that never opens a model does not pay for it.
+    if name == "models":
+        import importlib
+
+        return importlib.import_module(".models", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

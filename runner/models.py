@@ -1,9 +1,13 @@
 """The models a worker can host: the embedded tiny GPT-2, or any local Hugging Face directory.
 
-``path(spec)`` turns a spec into a directory that a plain ``nnsight.LanguageModel(path)``
-and ``transformers.AutoTokenizer.from_pretrained(path)`` open with no hub access, so a
-client and the worker open the very same model. ``load(spec, device)`` is what the worker
-holds: an nnsight model over that directory with its weights already loaded.
+``path(spec)`` turns a spec into a directory that a plain
+``nnsight.TransformersModel(path, task="text-generation")`` (or the deprecated
+``nnsight.LanguageModel(path)``) and ``transformers.AutoTokenizer.from_pretrained(path)``
+open with no hub access, so a client and the worker open the very same model.
+``load(spec, device)`` is what the worker holds: an nnsight model over that directory with
+its weights already loaded. Importing this module fixes, once, the transformers registry
+entry nnsight 0.8.1 misreads (see `_let_nnsight_find_local_tokenizers`); ``path`` itself
+is a pure lookup.
 
 The embedded specs are built offline on first use (a byte-level BPE tokenizer trained
 with ``tokenizers`` on a built-in text, a GPT-2 whose weights come from a seeded
@@ -14,6 +18,7 @@ recipe, so a changed recipe never reuses a stale build.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -70,7 +75,6 @@ def path(spec: str = DEFAULT_SPEC) -> str:
     concurrent first use from several processes is safe (each builds in a private
     temporary directory and the first atomic rename wins).
     """
-    _let_nnsight_find_local_tokenizers()
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"model spec must be a string or path, got {type(spec).__name__}; use {valid_specs()}")
     spec_text = os.fspath(spec)
@@ -99,7 +103,27 @@ def load(spec: str = DEFAULT_SPEC, device: str = "cpu"):
     placement = {} if resolved == "cpu" else {"device_map": resolved}
     # dispatch=True loads the weights now instead of at the first trace, so the
     # worker pays the load before it takes requests.
-    return TransformersModel(directory, task="text-generation", dispatch=True, **placement)
+    with _no_progress_bars():
+        return TransformersModel(directory, task="text-generation", dispatch=True, **placement)
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Hide transformers' progress bars (its per-tensor "Loading weights" bar) meanwhile.
+
+    Only the bars: transformers' warnings (missing or unexpected weights, ...) go through
+    its logger and still reach the user.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    if not transformers_logging.is_progress_bar_enabled():
+        yield
+        return
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
 
 
 def _resolve_device(device: str, torch) -> str:
@@ -226,15 +250,20 @@ def _let_nnsight_find_local_tokenizers() -> None:
     dotted-path string, so nnsight sees no flag and builds its meta pipeline without a
     tokenizer ("Impossible to guess which tokenizer to use") for every model, local or
     not. Resolving the string to the class it names (what ``pipeline()`` does itself on
-    every call) restores the plain ``LanguageModel(path)``. Nothing else changes.
+    every call) restores the plain ``TransformersModel(path, task="text-generation")``
+    and ``LanguageModel(path)``. Nothing else changes. Done once, when this module is
+    imported (and only if transformers is installed).
     """
     try:
         from transformers.pipelines import _resolve_impl, check_task
-    except ImportError:  # an older transformers that registers classes directly
+    except ImportError:  # no transformers, or an older one that registers classes directly
         return
     task = check_task("text-generation")[1]
     if isinstance(task.get("impl"), str):
         task["impl"] = _resolve_impl(task["impl"])
+
+
+_let_nnsight_find_local_tokenizers()
 
 
 def identity(directory: str) -> str:

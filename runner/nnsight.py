@@ -244,7 +244,8 @@ def _model_identity(model: Any) -> str:
     if not isinstance(directory, str):
         raise TraceRefused(
             f"{type(model).__name__} names no model directory; open the client model with "
-            "LanguageModel(path) on a local directory, e.g. runner.models.path('tiny-gpt2')"
+            "TransformersModel(path, task='text-generation') on a local directory, "
+            "e.g. path = runner.models.path('tiny-gpt2')"
         )
     return identity(directory)
 

@@ -57,17 +57,16 @@ def test_concurrent_first_use_and_separate_machines_give_identical_weights(tmp_p
     assert [entry.name for entry in (shared_cache / "models").iterdir()] == [Path(first["path"]).name]
 
 
-def test_plain_language_model_and_auto_tokenizer_open_the_directory_and_trace(tiny_model_path):
+def test_plain_transformers_model_language_model_and_auto_tokenizer_open_the_directory(tiny_model_path):
     import torch
-    from nnsight import LanguageModel
+    from nnsight import LanguageModel, TransformersModel
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     ids = tokenizer("Hello world, the model reads tokens")["input_ids"]
     assert tokenizer.decode(ids) == "Hello world, the model reads tokens"
 
-    with pytest.warns(FutureWarning, match="LanguageModel is deprecated"):
-        model = LanguageModel(tiny_model_path)
+    model = TransformersModel(tiny_model_path, task="text-generation")
     with model.trace("Hello world"):
         hidden = model.transformer.h[1].output.save()
         logits = model.lm_head.output.save()
@@ -75,14 +74,105 @@ def test_plain_language_model_and_auto_tokenizer_open_the_directory_and_trace(ti
     assert logits.shape[-1] == len(tokenizer)
     assert torch.isfinite(logits).all()
 
+    # The deprecated name still opens the same directory, to the same model.
+    with pytest.warns(FutureWarning, match="LanguageModel is deprecated"):
+        deprecated = LanguageModel(tiny_model_path)
+    with deprecated.trace("Hello world"):
+        deprecated_logits = deprecated.lm_head.output.save()
+    assert torch.equal(deprecated_logits, logits)
+
+
+# Run in a fresh process: `import runner` alone leaves runner.models (and transformers)
+# unimported; the first use of `runner.models` fixes transformers' registry once; after
+# that, path() leaves the registry as it finds it; and the plain calls open the directory
+# with the hub switched off.
+_LAZY_IMPORT_AND_PURE_LOOKUP = """
+import sys, warnings
+import runner
+assert "runner.models" not in sys.modules and "transformers" not in sys.modules, sorted(sys.modules)
+
+from transformers.pipelines import check_task
+entry = check_task("text-generation")[1]
+registered = entry["impl"]
+assert isinstance(registered, str), registered  # what transformers 5 registers
+
+directory = runner.models.path("tiny-gpt2")
+assert entry["impl"] is not registered and entry["impl"].__name__ == "TextGenerationPipeline"
+resolved = entry["impl"]
+
+entry["impl"] = registered
+assert runner.models.path("tiny-gpt2") == directory
+assert runner.models.path(directory) == directory
+assert entry["impl"] is registered, "path() changed transformers' pipeline registry"
+entry["impl"] = resolved
+
+import torch
+from nnsight import LanguageModel, TransformersModel
+model = TransformersModel(directory, task="text-generation")
+with model.generate("Hello", max_new_tokens=3) as tracer:
+    tokens = tracer.result.save()
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    deprecated = LanguageModel(directory)
+with deprecated.generate("Hello", max_new_tokens=3) as tracer:
+    deprecated_tokens = tracer.result.save()
+assert torch.equal(tokens, deprecated_tokens), (tokens, deprecated_tokens)
+print("generated", tokens.tolist())
+"""
+
+
+def test_runner_models_is_imported_on_first_use_and_path_is_a_pure_lookup(tiny_model_path):
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    finished = subprocess.run(
+        [sys.executable, "-c", _LAZY_IMPORT_AND_PURE_LOOKUP],
+        env=environment, capture_output=True, text=True, timeout=240,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert "generated [[" in finished.stdout
+
+
+# Loads a copy of the model with one weight missing: through models.load, then (the
+# control) through a plain nnsight call, which shows transformers' progress bar.
+_LOAD_WITH_A_MISSING_WEIGHT = """
+import os, shutil, sys
+from safetensors.torch import load_file, save_file
+from transformers.utils import logging
+from runner import models
+
+source, copy = models.path("tiny-gpt2"), sys.argv[1]
+shutil.copytree(source, copy)
+weights = load_file(os.path.join(copy, "model.safetensors"))
+del weights["transformer.h.0.mlp.c_fc.bias"]
+save_file(weights, os.path.join(copy, "model.safetensors"), metadata={"format": "pt"})
+
+models.load(copy)
+assert logging.is_progress_bar_enabled(), "models.load left progress bars switched off"
+print("CONTROL", file=sys.stderr, flush=True)
+from nnsight import TransformersModel
+TransformersModel(copy, task="text-generation", dispatch=True)
+"""
+
+
+def test_load_hides_the_progress_bar_but_not_warnings(tmp_path, tiny_model_path):
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    finished = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITH_A_MISSING_WEIGHT, str(tmp_path / "model")],
+        env=environment, capture_output=True, text=True, timeout=240,
+    )
+    assert finished.returncode == 0, finished.stderr
+    loaded, control = finished.stderr.split("CONTROL\n")
+    assert "Loading weights" not in loaded
+    # The warning about the missing weight is still the user's to see.
+    assert "transformer.h.0.mlp.c_fc.bias" in loaded and "MISSING" in loaded
+    assert "Loading weights" in control and "MISSING" in control
+
 
 def test_load_gives_the_worker_the_same_model_as_the_client(tiny_model_path):
     import torch
-    from nnsight import LanguageModel
+    from nnsight import TransformersModel
 
     worker_model = models.load("tiny-gpt2", device="cpu")
-    with pytest.warns(FutureWarning):
-        client_model = LanguageModel(tiny_model_path)
+    client_model = TransformersModel(tiny_model_path, task="text-generation")
     with worker_model.trace("The Eiffel Tower is in"):
         served = worker_model.lm_head.output.save()
     with client_model.trace("The Eiffel Tower is in"):
