@@ -109,7 +109,7 @@ def load(spec: str = DEFAULT_SPEC, device: str = "cpu"):
 
 @contextlib.contextmanager
 def _no_progress_bars():
-    """Hide transformers' progress bars (its per-tensor "Loading weights" bar) meanwhile.
+    """Hide transformers' progress bars ("Loading weights", "Writing model shards") meanwhile.
 
     Only the bars: transformers' warnings (missing or unexpected weights, ...) go through
     its logger and still reach the user.
@@ -221,7 +221,8 @@ def _build(directory: Path, recipe: dict) -> None:
     model = GPT2LMHeadModel(config)
     _fill_seeded(model, recipe["seed"], torch)
     model.generation_config.pad_token_id = eos_id
-    model.save_pretrained(directory)
+    with _no_progress_bars():  # its "Writing model shards" bar
+        model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
 

@@ -188,6 +188,19 @@ def test_layer_count_is_part_of_the_spec(tmp_path, monkeypatch):
     assert Path(deep).name.startswith("tiny-gpt2-12l-")
 
 
+def test_first_build_shows_no_progress_bar(tmp_path, monkeypatch, capfd):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    monkeypatch.setenv("SOURCEBOX_CACHE", str(tmp_path / "cache"))
+    models.path("tiny-gpt2-1l")
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert logging.is_progress_bar_enabled()
+    # The control: transformers' own save shows the bar the build hides.
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16)).save_pretrained(tmp_path / "control")
+    assert "Writing model shards" in capfd.readouterr().err
+
+
 def test_existing_directory_is_returned_as_is(tiny_model_path):
     assert models.path(tiny_model_path) == tiny_model_path
     relative = os.path.relpath(tiny_model_path)
