@@ -3,6 +3,7 @@
     with runner.Worker(model="tiny-gpt2") as worker:
         logits = worker.call(my_function, runner.MODEL, prompt)
 
+``runner.models`` (the models a worker can host) is imported on first use.
 See docs/RUNNER.md for the protocol, the lifecycle and the numbers behind the design.
 """
 from .client import SandboxExecutor, Worker, decode_result, encode_call
