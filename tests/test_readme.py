@@ -95,8 +95,7 @@ def test_sandbox_check_diff_and_audit(installed_sourcebox, project):
     # check exits 1 when this kernel lacks a layer; either way it reports every layer.
     check = _succeeded(installed_sourcebox.run(["-m", "sandbox", "check"], cwd=project), 0, 1)
     for layer in ("python", "rlimits", "capabilities", "no_new_privs", "landlock", "seccomp"):
-        assert re.search(rf"^  {layer} ", check, re.MULTILINE), check
-    assert "effects observed in the confined probe child" in check
+        assert re.search(rf"^\s+{layer}\b", check, re.MULTILINE), check
 
     diff = _succeeded(installed_sourcebox.run(["-m", "sandbox", "diff", "ndif-allowlist", "nnsight-local"], cwd=project))
     assert diff.startswith("ndif-allowlist vs nnsight-local:")
