@@ -17,7 +17,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Container
 
-from . import arrays, format as fmt
+from . import arrays, format as fmt, origins
 from .destination import DEFAULT, walk_qualname
 from .errors import CaptureError
 from .source import (
@@ -446,6 +446,31 @@ class Encoder:
             return None
         return self._new_node(obj, [fmt.REFERENCE, module, qualname])
 
+    def _sent_back(self, obj: Any, path: str, what: str) -> fmt.Ref | None:
+        """A class or function rebuilt here from what the destination sent, as a
+        reference to the destination's own (see ``capture.origins``)."""
+        origin = origins.of(obj)
+        if origin is None or not self.dest.provides(origin[0]):
+            return None
+        module, qualname = origin
+        if not origins.nameable(qualname):
+            raise CaptureError(path, f"{what} {module}.{qualname}",
+                               f"the {self._dest_name()} sent this {what}, but it is a lambda or is defined inside "
+                               f"a function, so the {self._dest_name()} has nothing to find it by name",
+                               f"Define it at module level in {module}, or return data instead of the {what}.")
+        return self._new_node(obj, [fmt.REFERENCE, module, qualname])
+
+    def _made_here(self, obj: Any, path: str, what: str) -> CaptureError:
+        """A class or function that shipped code created on this side (the worker) at
+        run time: the destination (the client) has no counterpart to name."""
+        return CaptureError(
+            path, f"{what} {obj.__qualname__}",
+            f"the worker created this {what} while your code ran there ({obj.__qualname__!r} in "
+            f"{obj.__module__!r} was not sent by the {self._dest_name()}), so the {self._dest_name()} has "
+            f"no {what} of that name",
+            f"Return data instead: a dict, list or tuple, or an instance of a class defined at module level in "
+            f"your own module (those come back as the {self._dest_name()}'s own class).")
+
     def _builtin(self, obj: Any, path: str) -> fmt.Ref:
         owner = getattr(obj, "__self__", None)
         if owner is None or isinstance(owner, types.ModuleType):
@@ -463,10 +488,13 @@ class Encoder:
 
     def _function(self, fn: types.FunctionType, path: str) -> fmt.Ref:
         module = fn.__module__
-        ref = self._reference(fn, module, fn.__qualname__, path)
+        ref = self._sent_back(fn, path, "function") or self._reference(fn, module, fn.__qualname__, path)
         if ref is not None:
             return ref
         if module and self.dest.provides(module):
+            home = sys.modules.get(module)
+            if home is None or vars(home) is not fn.__globals__:
+                raise self._made_here(fn, path, "function")
             raise CaptureError(path, "function",
                                f"{fn.__qualname__!r} belongs to {module!r}, which the destination has, "
                                "but is not reachable there by name (a lambda or closure inside it)",
@@ -573,7 +601,7 @@ class Encoder:
 
     def _class(self, cls: type, path: str) -> fmt.Ref:
         module = cls.__module__
-        ref = self._reference(cls, module, cls.__qualname__, path)
+        ref = self._sent_back(cls, path, "class") or self._reference(cls, module, cls.__qualname__, path)
         if ref is None and module == "builtins":  # NoneType, EllipsisType, ... are named in `types`
             ref = self._reference(cls, "types", cls.__name__, path)
         if ref is not None:
@@ -585,6 +613,10 @@ class Encoder:
                                "or type(), not by a class statement in a file)",
                                "Define the class with a `class` statement in a .py file, notebook cell or script.")
         if self.dest.provides(module):
+            home = sys.modules.get(module)
+            namespace = _class_globals(cls)
+            if home is None or (namespace is not None and namespace is not vars(home)):
+                raise self._made_here(cls, path, "class")
             raise CaptureError(path, "class", f"{cls.__qualname__!r} belongs to {module!r}, which the "
                                "destination has, but is not reachable there by name",
                                "Define the class in a module of your own.")
