@@ -495,7 +495,7 @@ class Encoder:
             home = sys.modules.get(module)
             if home is None or vars(home) is not fn.__globals__:
                 raise self._made_here(fn, path, "function")
-            raise CaptureError(path, "function",
+            raise CaptureError(path, f"function {fn.__qualname__}",
                                f"{fn.__qualname__!r} belongs to {module!r}, which the destination has, "
                                "but is not reachable there by name (a lambda or closure inside it)",
                                "Wrap the call in a function of your own module.")
@@ -506,7 +506,7 @@ class Encoder:
         try:
             segment = function_segment(fn.__code__, fn.__globals__)
         except SourceUnavailable as exc:
-            raise CaptureError(path, "function", f"the source of {fn.__qualname__!r} cannot be found: {exc}",
+            raise CaptureError(path, f"function {fn.__qualname__}", f"the source of {fn.__qualname__!r} cannot be found: {exc}",
                                "Define it with `def` in a .py file, a notebook cell or a __main__ script.") from None
         node: dict[str, Any] = {}
         ref = self._new_node(fn, [fmt.FUNCTION, node])
@@ -516,7 +516,10 @@ class Encoder:
         node["name"] = fn.__name__
         node["qualname"] = fn.__qualname__
         node["doc"] = self.value(fn.__doc__, f"{path}.__doc__")
-        node["deps"] = self._need_globals(fn.__globals__, global_names(fn.__code__), path)
+        try:
+            node["deps"] = self._need_globals(fn.__globals__, global_names(fn.__code__), path)
+        except CaptureError as exc:
+            raise _needed_by(path, f"function {fn.__qualname__}", exc) from None
         imports = self._relative_imports(fn, path)
         if imports:
             node["imports"] = imports
@@ -609,7 +612,7 @@ class Encoder:
         if _is_namedtuple_class(cls):
             return self._namedtuple_class(cls, path)
         if module == "builtins":  # what exec() or type() made in a namespace without __name__
-            raise CaptureError(path, "class", f"class {cls.__qualname__!r} has no source to ship (made by exec "
+            raise CaptureError(path, f"class {cls.__qualname__}", f"class {cls.__qualname__!r} has no source to ship (made by exec "
                                "or type(), not by a class statement in a file)",
                                "Define the class with a `class` statement in a .py file, notebook cell or script.")
         if self.dest.provides(module):
@@ -617,7 +620,7 @@ class Encoder:
             namespace = _class_globals(cls)
             if home is None or (namespace is not None and namespace is not vars(home)):
                 raise self._made_here(cls, path, "class")
-            raise CaptureError(path, "class", f"{cls.__qualname__!r} belongs to {module!r}, which the "
+            raise CaptureError(path, f"class {cls.__qualname__}", f"{cls.__qualname__!r} belongs to {module!r}, which the "
                                "destination has, but is not reachable there by name",
                                "Define the class in a module of your own.")
         outer_name, _, name = cls.__qualname__.rpartition(".")
@@ -630,22 +633,28 @@ class Encoder:
                 return self._new_node(cls, [fmt.ATTRIBUTE, self.value(outer, f"{path}.<outer class>"), name])
         home = sys.modules.get(module)
         if home is not None and _is_compiled(home):
-            raise CaptureError(path, "class", f"{cls.__qualname__!r} comes from {module!r}, which the destination "
+            raise CaptureError(path, f"class {cls.__qualname__}", f"{cls.__qualname__!r} comes from {module!r}, which the destination "
                                f"({self._dest_name()}) does not have and which has no Python source "
                                "(a C extension)", f"Use only what the destination provides, or ask for {module!r} "
                                "to be installed on the server (and add it to your policy).")
+        if "__dataclass_fields__" in vars(cls) and not self.dest.provides("dataclasses"):
+            raise CaptureError(path, f"{cls.__qualname__} dataclass",
+                               f"it is a @dataclass, and the destination ({self._dest_name()}) does not have the "
+                               "module 'dataclasses' that its class statement needs",
+                               f"Make {cls.__name__} a plain class with an __init__ (plain classes travel as source), "
+                               "or use a policy whose destination has dataclasses.")
         namespace = getattr(home, "__dict__", None)
         filename = _class_file(cls, namespace)
         if namespace is None:
             namespace = _class_globals(cls)
         if filename is None or namespace is None:
-            raise CaptureError(path, "class", f"the source of class {cls.__qualname__!r} cannot be found "
+            raise CaptureError(path, f"class {cls.__qualname__}", f"the source of class {cls.__qualname__!r} cannot be found "
                                "(created by type() or exec, or its module is gone)",
                                "Define the class with a `class` statement in a .py file, notebook cell or script.")
         try:
             segment = class_segment(cls, namespace, filename)
         except SourceUnavailable as exc:
-            raise CaptureError(path, "class", f"the source of class {cls.__qualname__!r} cannot be found: {exc}",
+            raise CaptureError(path, f"class {cls.__qualname__}", f"the source of class {cls.__qualname__!r} cannot be found: {exc}",
                                "Define the class with a `class` statement in a .py file, notebook cell or script.") from None
         node: dict[str, Any] = {}
         ref = self._new_node(cls, [fmt.CLASS, node])
@@ -655,9 +664,12 @@ class Encoder:
         node["name"] = cls.__name__
         node["qualname"] = cls.__qualname__
         used = global_names(class_statement_code(segment))
-        node["deps"] = self._need_globals(namespace, used, path)
-        node["closure"] = self._class_closure(cls, used, namespace, path) if "<locals>" in cls.__qualname__ else {}
-        node["attrs"] = self._class_attributes(cls, segment, path)
+        try:
+            node["deps"] = self._need_globals(namespace, used, path)
+            node["closure"] = self._class_closure(cls, used, namespace, path) if "<locals>" in cls.__qualname__ else {}
+            node["attrs"] = self._class_attributes(cls, segment, path)
+        except CaptureError as exc:
+            raise _needed_by(path, f"class {cls.__qualname__}", exc) from None
         return ref
 
     def _namedtuple_class(self, cls: type, path: str) -> fmt.Ref:
@@ -812,7 +824,13 @@ class Encoder:
                 cls, new_args, kwargs = args
             ref = self._new_node(obj, [fmt.OBJECT, None, None, None, None, None, None])
             node = self.nodes[ref.index]
-            node[1] = self.value(cls, f"{path}.__class__")
+            try:
+                node[1] = self.value(cls, f"{path}.__class__")
+            except CaptureError as exc:
+                if exc.path != f"{path}.__class__":
+                    raise
+                # The user knows the instance by its own name, not by its class.
+                raise CaptureError(path, exc.type_name, exc.reason, exc.workaround) from None
             node[2] = self.value(tuple(new_args), f"{path}.<new args>")
             node[3] = self.value(dict(kwargs), f"{path}.<new kwargs>") if kwargs else None
         else:
@@ -834,6 +852,15 @@ class Encoder:
         if type(state) is tuple and len(state) == 2 and all(s is None or type(s) is dict for s in state):
             return self._new_node(state, [fmt.TUPLE, [self._state(s, path) if s is not None else None for s in state]])
         return self.value(state, f"{path}.<state>")
+
+
+def _needed_by(path: str, type_name: str, exc: CaptureError) -> CaptureError:
+    """A refusal met while capturing what a definition uses (its globals, closure, class
+    attributes), told from the definition the user passed: that is the path they know."""
+    if exc.path == path or exc.path.startswith((path + ".", path + "[")):
+        return exc
+    return CaptureError(path, type_name, f"it uses {exc.path} ({exc.type_name}), which cannot travel: {exc.reason}",
+                        exc.workaround)
 
 
 def _has_lone_surrogate(text: str) -> bool:
