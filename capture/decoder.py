@@ -369,7 +369,7 @@ class Decoder:
             cls = scope[_expect(spec["name"], str, "class name")]
         self._register(index, cls)
         cls.__qualname__ = _expect(spec["qualname"], str, "qualified name")
-        origins.remember(cls, namespace["__name__"], cls.__qualname__)
+        _remember_definitions(cls, namespace["__name__"], cls.__qualname__)
         self.class_attributes.append((cls, _expect(spec.get("attrs", {}), dict, "class attributes")))
         return cls
 
@@ -472,6 +472,20 @@ class Decoder:
     def _ndarray(self, index: int, fields: list) -> Any:
         return arrays.ndarray_from_frame(self._frame(fields[0]), _expect(fields[1], str, "array dtype"),
                                          _expect(fields[2], list, "array shape"))
+
+
+def _remember_definitions(cls: type, module: str, qualname: str) -> None:
+    """Remember where a rebuilt class came from, and the classes and functions its
+    statement defined (nested classes, methods), which travel with it."""
+    origins.remember(cls, module, qualname)
+    for name, value in list(vars(cls).items()):
+        value = getattr(value, "__func__", value)  # staticmethod, classmethod
+        if getattr(value, "__qualname__", None) != f"{cls.__qualname__}.{name}":
+            continue
+        if isinstance(value, type):
+            _remember_definitions(value, module, f"{qualname}.{name}")
+        elif isinstance(value, types.FunctionType):
+            origins.remember(value, module, f"{qualname}.{name}")
 
 
 def _with_shipped_imports(builtins: dict, shipped: dict[str, types.ModuleType]) -> dict:

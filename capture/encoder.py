@@ -856,11 +856,16 @@ class Encoder:
 
 def _needed_by(path: str, type_name: str, exc: CaptureError) -> CaptureError:
     """A refusal met while capturing what a definition uses (its globals, closure, class
-    attributes), told from the definition the user passed: that is the path they know."""
+    attributes), told from the definition the user passed: that is the path they know.
+    A chain of definitions reads ``it uses a.f, which uses b.g (type), which cannot travel: ...``."""
     if exc.path == path or exc.path.startswith((path + ".", path + "[")):
         return exc
-    return CaptureError(path, type_name, f"it uses {exc.path} ({exc.type_name}), which cannot travel: {exc.reason}",
-                        exc.workaround)
+    chain = [exc.path, *getattr(exc, "uses", ())]
+    cause = getattr(exc, "cause", (exc.type_name, exc.reason))
+    error = CaptureError(path, type_name, f"it uses {', which uses '.join(chain)} ({cause[0]}), which cannot "
+                         f"travel: {cause[1]}", exc.workaround)
+    error.uses, error.cause = chain, cause
+    return error
 
 
 def _has_lone_surrogate(text: str) -> bool:
