@@ -194,7 +194,8 @@ class Encoder:
                 return self._new_node(obj, [fmt.PERSISTENT, token])
         self.depth += 1
         if self.depth > _MAX_DEPTH:
-            raise CaptureError(path, kind.__name__, f"the object graph nests deeper than {_MAX_DEPTH} levels",
+            raise CaptureError(path, kind.__name__, f"the object graph nests deeper than {_MAX_DEPTH} levels, more "
+                               f"than the destination ({self._dest_name()}) rebuilds",
                                "Flatten the structure (for example a linked list into a list).")
         try:
             return self._dispatch(obj, kind, path)
@@ -231,7 +232,9 @@ class Encoder:
             return self._ndarray(obj, path)
         refusal = _refusal(obj)
         if refusal is not None:
-            raise CaptureError(path, _type_name(obj), *refusal)
+            reason, advice = refusal
+            raise CaptureError(path, _type_name(obj), f"{reason}, which the destination ({self._dest_name()}) "
+                               "cannot have", advice)
         if isinstance(obj, types.ModuleType):
             return self._module(obj, path, full=True)
         if kind is types.FunctionType:
@@ -496,8 +499,9 @@ class Encoder:
             if home is None or vars(home) is not fn.__globals__:
                 raise self._made_here(fn, path, "function")
             raise CaptureError(path, f"function {fn.__qualname__}",
-                               f"{fn.__qualname__!r} belongs to {module!r}, which the destination has, "
-                               "but is not reachable there by name (a lambda or closure inside it)",
+                               f"{fn.__qualname__!r} belongs to {module!r}, which the destination "
+                               f"({self._dest_name()}) has, but is not reachable there by name (a lambda or "
+                               "closure inside it)",
                                "Wrap the call in a function of your own module.")
         owner = self._owning_class(fn)
         if owner is not None:
@@ -506,7 +510,9 @@ class Encoder:
         try:
             segment = function_segment(fn.__code__, fn.__globals__)
         except SourceUnavailable as exc:
-            raise CaptureError(path, f"function {fn.__qualname__}", f"the source of {fn.__qualname__!r} cannot be found: {exc}",
+            raise CaptureError(path, f"function {fn.__qualname__}",
+                               f"the destination ({self._dest_name()}) does not have {fn.__qualname__!r}, so it "
+                               f"must travel as source, and its source cannot be found: {exc}",
                                "Define it with `def` in a .py file, a notebook cell or a __main__ script.") from None
         node: dict[str, Any] = {}
         ref = self._new_node(fn, [fmt.FUNCTION, node])
@@ -612,8 +618,9 @@ class Encoder:
         if _is_namedtuple_class(cls):
             return self._namedtuple_class(cls, path)
         if module == "builtins":  # what exec() or type() made in a namespace without __name__
-            raise CaptureError(path, f"class {cls.__qualname__}", f"class {cls.__qualname__!r} has no source to ship (made by exec "
-                               "or type(), not by a class statement in a file)",
+            raise CaptureError(path, f"class {cls.__qualname__}", f"the destination ({self._dest_name()}) has no "
+                               f"class {cls.__qualname__!r}, and it has no source to ship (made by exec or type(), "
+                               "not by a class statement in a file)",
                                "Define the class with a `class` statement in a .py file, notebook cell or script.")
         if self.dest.provides(module):
             home = sys.modules.get(module)
@@ -621,7 +628,7 @@ class Encoder:
             if home is None or (namespace is not None and namespace is not vars(home)):
                 raise self._made_here(cls, path, "class")
             raise CaptureError(path, f"class {cls.__qualname__}", f"{cls.__qualname__!r} belongs to {module!r}, which the "
-                               "destination has, but is not reachable there by name",
+                               f"destination ({self._dest_name()}) has, but is not reachable there by name",
                                "Define the class in a module of your own.")
         outer_name, _, name = cls.__qualname__.rpartition(".")
         if outer_name and not outer_name.endswith("<locals>"):
@@ -648,13 +655,16 @@ class Encoder:
         if namespace is None:
             namespace = _class_globals(cls)
         if filename is None or namespace is None:
-            raise CaptureError(path, f"class {cls.__qualname__}", f"the source of class {cls.__qualname__!r} cannot be found "
-                               "(created by type() or exec, or its module is gone)",
+            raise CaptureError(path, f"class {cls.__qualname__}", f"the destination ({self._dest_name()}) does not "
+                               f"have class {cls.__qualname__!r}, so it must travel as source, and its source "
+                               f"cannot be found (created by type() or exec, or its module is gone)",
                                "Define the class with a `class` statement in a .py file, notebook cell or script.")
         try:
             segment = class_segment(cls, namespace, filename)
         except SourceUnavailable as exc:
-            raise CaptureError(path, f"class {cls.__qualname__}", f"the source of class {cls.__qualname__!r} cannot be found: {exc}",
+            raise CaptureError(path, f"class {cls.__qualname__}", f"the destination ({self._dest_name()}) does not "
+                               f"have class {cls.__qualname__!r}, so it must travel as source, and its source "
+                               f"cannot be found: {exc}",
                                "Define the class with a `class` statement in a .py file, notebook cell or script.") from None
         node: dict[str, Any] = {}
         ref = self._new_node(cls, [fmt.CLASS, node])
@@ -737,11 +747,13 @@ class Encoder:
 
         self._requires("torch", path, "Tensor")
         if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
-            raise CaptureError(path, _type_name(tensor), "tensor subclasses carry behaviour outside the data",
+            raise CaptureError(path, _type_name(tensor), "tensor subclasses carry behaviour outside the data, and "
+                               f"the destination ({self._dest_name()}) rebuilds plain tensors only",
                                "Send a plain tensor (tensor.as_subclass(torch.Tensor)) or the data it wraps.")
         if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type == "meta":
-            raise CaptureError(path, "Tensor", f"only dense tensors with data travel (this one is "
-                               f"{tensor.layout}, device {tensor.device})", "Convert with .to_dense() or materialise it.")
+            raise CaptureError(path, "Tensor", f"the destination ({self._dest_name()}) rebuilds dense tensors with "
+                               f"data only (this one is {tensor.layout}, device {tensor.device})",
+                               "Convert with .to_dense() or materialise it.")
         ref = self._new_node(tensor, [fmt.TENSOR, None])
         if tensor.is_conj() or tensor.is_neg():
             # A lazy conjugate/negative view: its storage holds the unresolved values.
@@ -786,7 +798,8 @@ class Encoder:
         self._requires("numpy", path, "ndarray")
         if array.dtype.hasobject or array.dtype.fields is not None:
             raise CaptureError(path, f"ndarray[{array.dtype}]", "object and structured arrays hold Python "
-                               "objects or named fields, not raw numbers", "Convert to a numeric array or a list.")
+                               f"objects or named fields, and the destination ({self._dest_name()}) rebuilds arrays "
+                               "of raw numbers only", "Convert to a numeric array or a list.")
         contiguous, view = arrays.ndarray_frame(array)
         return self._new_node(array, [fmt.NDARRAY, self._frame(view, contiguous), array.dtype.str, list(array.shape)])
 
@@ -796,7 +809,8 @@ class Encoder:
         try:
             reduced = obj.__reduce_ex__(4)
         except Exception as exc:
-            raise CaptureError(path, _type_name(obj), f"it does not describe how to rebuild itself ({exc})",
+            raise CaptureError(path, _type_name(obj), f"it does not describe how to rebuild itself ({exc}), so the "
+                               f"destination ({self._dest_name()}) would have no way to",
                                "Send the data it holds instead, or give its class __getstate__/__setstate__ "
                                "or __reduce__.") from None
         if isinstance(reduced, str):
@@ -807,16 +821,17 @@ class Encoder:
                                    f"destination ({self._dest_name()}) does not have", "Send its data instead.")
             return ref
         if not isinstance(reduced, tuple) or not 2 <= len(reduced) <= 6:
-            raise CaptureError(path, _type_name(obj), "its __reduce_ex__ returned an unusable value",
+            raise CaptureError(path, _type_name(obj), "its __reduce_ex__ returned an unusable value, so the "
+                               f"destination ({self._dest_name()}) would have no way to rebuild it",
                                "Fix the class's __reduce__.")
         func, args, state, listitems, dictitems, state_setter = (tuple(reduced) + (None,) * 5)[:6]
         if state_setter is not None:
             raise CaptureError(path, _type_name(obj), "its __reduce__ names a state setter, which bundles "
-                               "do not carry", "Return state that __setstate__ (or plain attribute "
+                               f"do not carry to the destination ({self._dest_name()})", "Return state that __setstate__ (or plain attribute "
                                "assignment) restores, without the sixth element.")
         if not isinstance(args, tuple) or not callable(func):
             raise CaptureError(path, _type_name(obj), "its __reduce__ did not return a callable and an "
-                               "argument tuple", "Fix the class's __reduce__.")
+                               f"argument tuple, so the destination ({self._dest_name()}) would have no way to rebuild it", "Fix the class's __reduce__.")
         if func is copyreg.__newobj__ or func is copyreg.__newobj_ex__:
             cls, new_args = args[0], args[1:]
             kwargs = {}

@@ -191,14 +191,28 @@ def test_instances_nested_anywhere_come_back_with_sharing(lab, worker):
     assert type(result["slots"]) is probes.Slotted and result["slots"].a is tracker and result["slots"].b == (1, 2)
 
 
-@pytest.mark.parametrize("make, what", [("make_local_class", "class"), ("make_lambda", "function"),
-                                        ("make_function", "function")])
-def test_what_the_worker_made_itself_is_refused_saying_so(lab, worker, make, what):
+@pytest.mark.parametrize("make, what, path, name", [
+    ("make_local_class", "class", "result", "make_local_class.<locals>.Local"),
+    ("make_lambda", "function", "result", "make_lambda.<locals>.<lambda>"),
+    ("make_function", "function", "result", "make_function.<locals>.helper"),
+])
+def test_what_the_worker_made_itself_is_refused_saying_so(lab, worker, make, what, path, name):
     with pytest.raises(capture.CaptureError) as refused:
         worker.call(getattr(lab["probes"], make))
-    message = str(refused.value)
-    assert f"the worker created this {what}" in message and "the client has no" in message
-    assert "Return data instead" in message
+    error = refused.value
+    assert error.path == path and error.type_name == f"{what} {name}"
+    assert f"the worker created this {what}" in error.reason and f"the client has no {what} of that name" in error.reason
+    assert error.workaround.startswith("Return data instead")
+
+
+def test_a_lambda_the_client_sent_cannot_come_back_by_name(worker):
+    with pytest.raises(capture.CaptureError) as refused:
+        worker.call(lambda f: {"fn": f}, lambda x: x)
+    error = refused.value
+    assert error.path == "result['fn']" and error.type_name.startswith("function ") and "<lambda>" in error.type_name
+    assert "the client sent this function, but it is a lambda" in error.reason
+    assert "the client has nothing to find it by name" in error.reason
+    assert error.workaround.startswith("Define it at module level")
 
 
 def test_a_function_does_not_come_back_even_the_clients_own(lab, worker):
