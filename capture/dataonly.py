@@ -13,13 +13,16 @@ this way). Under it, decoding
 - compiles and runs no shipped source (no function, class, module or cell nodes);
 - calls nothing the bundle supplies: an instance of an already-loaded class is made by
   that class's own ``__new__`` (arguments only for subclasses of immutable builtins such
-  as tuple and int) and gets its state through its own ``__setstate__`` or ``__dict__``.
+  as tuple and int) and gets its state through its own ``__setstate__`` or ``__dict__``;
+  a loaded dataclass whose ``__reduce__`` names its constructor gets its fields set the
+  same way, without ``__init__``.
 
 Anything else raises ``BundleError`` naming where in the value it sits
 (``result[2].probe.fn``) and what it was.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import sys
 from typing import Any
@@ -129,8 +132,9 @@ def _value_kind(obj: Any) -> str | None:
     if isinstance(obj, type) or isinstance(obj, enum.Enum) or obj is Ellipsis or obj is NotImplemented:
         return None
     kind = type(obj)
-    if (kind.__module__, kind.__qualname__) in _VALUE_TYPES and \
-            getattr(sys.modules.get(kind.__module__), kind.__qualname__, None) is kind:
+    home = sys.modules.get(kind.__module__)
+    if (kind.__module__, kind.__qualname__) in _VALUE_TYPES and home is not None \
+            and vars(home).get(kind.__qualname__) is kind:
         return None
     if isinstance(obj, type(sys)):
         return f"the module {obj.__name__}"
@@ -186,12 +190,30 @@ class DataDecoder(Decoder):
     def _reduce(self, index: int, fields: list) -> Any:
         func = self._constructor(fields[0])
         args = self.value(fields[1]) or ()
+        if isinstance(func, type) and dataclasses.is_dataclass(func):
+            return self._fill(self._register(index, self._dataclass(index, func, args)), fields[2:])
         if not _allowed_constructor(func, args):
             raise self.refuse(index, f"a call to {_name(func)} with {len(args)} argument(s), which is not one of "
                                      "the value constructors a data-only decode may call (capture.dataonly."
                                      "REDUCE_CONSTRUCTORS, enum member lookups, torch.return_types)")
         obj = self._register(index, func(*args))
         return self._fill(obj, fields[2:])
+
+    def _dataclass(self, index: int, cls: type, args: tuple) -> Any:
+        """A loaded dataclass whose ``__reduce__`` passes its fields as constructor
+        arguments (transformers' ``ModelOutput``): the fields are set as state, without
+        running ``__init__`` or ``__post_init__``."""
+        names = [field.name for field in dataclasses.fields(cls) if field.init]
+        if len(args) > len(names):
+            raise self.refuse(index, f"a call to the dataclass {_name(cls)} with {len(args)} arguments for "
+                                     f"{len(names)} fields")
+        if _finalizer(cls) is not None:
+            raise self.refuse(index, f"an instance of {_name(cls)}, whose {_finalizer(cls)}.__del__ would run "
+                                     "here on state the sender chose")
+        obj = cls.__new__(cls)
+        for name, value in zip(names, args):
+            object.__setattr__(obj, name, value)
+        return obj
 
     def _constructor(self, encoded: Any) -> Any:
         """A reduce node's callable: a listed constructor is looked up as such (numpy's

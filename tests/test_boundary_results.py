@@ -250,17 +250,14 @@ def model():
 
 
 def test_a_probe_saved_in_a_trace_comes_back_as_the_users_class(lab, model, traced):
-    import nnsight
     from runner.nnsight import WorkerBackend
 
-    if traced.info["policy"] == "ndif-allowlist":
-        pytest.skip("the ndif-allowlist profile does not give user code nnsight, so a block cannot call nnsight.save")
     probes = lab["probes"]
     with model.trace("Hello world", backend=WorkerBackend(traced)):
         probe = probes.MeanTracker()
         probe.add(model.transformer.h[0].output.mean())
         probe.add(model.transformer.h[1].output.mean())
-        probe = nnsight.save(probe)
+        probe.save()  # nnsight mounts .save() on every object
     with model.trace("Hello world"):
         first = model.transformer.h[0].output.mean().save()
         second = model.transformer.h[1].output.mean().save()

@@ -98,6 +98,15 @@ def test_tensors_arrays_and_torch_named_tuples_round_trip():
     assert type(back["max"]) is type(value["max"]) and torch.equal(back["max"].indices, value["max"].indices)
 
 
+def test_model_outputs_come_back_as_their_fields_without_running_init():
+    from transformers.modeling_outputs import BaseModelOutput
+
+    output = BaseModelOutput(last_hidden_state=torch.ones(1, 2), hidden_states=(torch.zeros(1),))
+    back = capture.loads(capture.dumps(output), policy=capture.DATA_ONLY)
+    assert type(back) is BaseModelOutput and list(back.keys()) == ["last_hidden_state", "hidden_states"]
+    assert torch.equal(back.last_hidden_state, output.last_hidden_state) and back[1][0].shape == (1,)
+
+
 def test_shared_references_and_cycles_survive():
     inner = [1]
     value = {"a": inner, "b": inner}
