@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import sys
+import types
 from typing import Any
 
 from . import format as fmt
@@ -113,18 +114,28 @@ DATA_ONLY = DataOnly()
 _ABSENT = object()
 
 
+# The slots themselves, so that no module or metaclass __getattribute__ runs to read them.
+_MODULE_DICT = vars(types.ModuleType)["__dict__"].__get__
+_CLASS_DICT = vars(type)["__dict__"].__get__
+_CLASS_MRO = vars(type)["__mro__"].__get__
+
+
 def _static_attribute(obj: Any, name: str) -> Any:
     """``obj.name`` read from namespaces only: no module ``__getattr__`` (lazy imports),
     no metaclass or descriptor code."""
     if isinstance(obj, type):
-        if issubclass(obj, enum.Enum) and name in obj._member_map_:
-            return obj._member_map_[name]
-        for klass in obj.__mro__:
-            if name in vars(klass):
-                return vars(klass)[name]
+        if issubclass(obj, enum.Enum):
+            members = _CLASS_DICT(obj).get("_member_map_", {})
+            if name in members:
+                return members[name]
+        for klass in _CLASS_MRO(obj):
+            namespace = _CLASS_DICT(klass)
+            if name in namespace:
+                return namespace[name]
         return _ABSENT
-    namespace = getattr(obj, "__dict__", None) if isinstance(obj, type(sys)) else None
-    return namespace.get(name, _ABSENT) if isinstance(namespace, dict) else _ABSENT
+    if isinstance(obj, types.ModuleType):
+        return _MODULE_DICT(obj).get(name, _ABSENT)
+    return _ABSENT
 
 
 def _value_kind(obj: Any) -> str | None:
@@ -133,10 +144,10 @@ def _value_kind(obj: Any) -> str | None:
         return None
     kind = type(obj)
     home = sys.modules.get(kind.__module__)
-    if (kind.__module__, kind.__qualname__) in _VALUE_TYPES and home is not None \
-            and vars(home).get(kind.__qualname__) is kind:
+    if (kind.__module__, kind.__qualname__) in _VALUE_TYPES and isinstance(home, types.ModuleType) \
+            and _MODULE_DICT(home).get(kind.__qualname__) is kind:
         return None
-    if isinstance(obj, type(sys)):
+    if isinstance(obj, types.ModuleType):
         return f"the module {obj.__name__}"
     if callable(obj):
         return f"a callable ({kind.__qualname__})"
@@ -221,7 +232,7 @@ class DataDecoder(Decoder):
         node = self.nodes[encoded.index] if isinstance(encoded, fmt.Ref) and 0 <= encoded.index < len(self.nodes) else None
         if isinstance(node, list) and len(node) == 3 and node[0] == fmt.REFERENCE and tuple(node[1:]) in REDUCE_CONSTRUCTORS:
             home = sys.modules.get(node[1])
-            found = vars(home).get(node[2], _ABSENT) if home is not None else _ABSENT
+            found = _MODULE_DICT(home).get(node[2], _ABSENT) if isinstance(home, types.ModuleType) else _ABSENT
             if found is not _ABSENT:
                 return found
         return self.value(encoded)
@@ -308,8 +319,8 @@ def _name(obj: Any) -> str:
 
 def _finalizer(cls: type) -> str | None:
     """The class (by name) whose ``__del__`` instances of ``cls`` would run, if any."""
-    for klass in cls.__mro__[:-1]:
-        if "__del__" in vars(klass):
+    for klass in _CLASS_MRO(cls)[:-1]:
+        if "__del__" in _CLASS_DICT(klass):
             return _name(klass)
     return None
 
@@ -320,8 +331,8 @@ def _allowed_constructor(func: Any, args: tuple) -> bool:
     if isinstance(func, type) and func.__module__ == _TORCH_RETURN_TYPES and issubclass(func, tuple):
         return True
     name = (getattr(func, "__module__", None), getattr(func, "__qualname__", None))
-    if name not in REDUCE_CONSTRUCTORS or sys.modules.get(name[0]) is None \
-            or vars(sys.modules[name[0]]).get(name[1]) is not func:
+    home = sys.modules.get(name[0]) if name in REDUCE_CONSTRUCTORS else None
+    if not isinstance(home, types.ModuleType) or _MODULE_DICT(home).get(name[1]) is not func:
         return False
     if name[1] == _NUMPY_SCALAR:  # scalar(dtype, raw bytes): an object dtype would hold anything
         return len(args) == 2 and not getattr(args[0], "hasobject", True)
