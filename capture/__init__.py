@@ -7,6 +7,9 @@ name. Tensors and arrays travel as raw frames. No pickle, no marshal, no bytecod
     data = capture.dumps(obj)            # bytes
     obj = capture.loads(data)            # a fresh copy, in fresh namespaces
 
+Loading rebuilds code: a bundle from someone you do not trust is read with
+``capture.loads(data, policy=capture.DATA_ONLY)``, which rebuilds values only.
+
 ``encode``/``decode`` are the same with the frames kept apart, for transports that move
 large buffers separately (the runner puts them in shared memory).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable, Container, MutableMapping, Sequence
 
 from . import format as _format
+from .dataonly import DATA_ONLY, DataDecoder, DataOnly
 from .decoder import Decoder, Unavailable
 from .destination import DEFAULT, DefaultDestination, Destination
 from .encoder import Bundle, Encoder
@@ -24,7 +28,7 @@ from .source import compile_segment
 __all__ = [
     "dumps", "loads", "encode", "encode_variables", "decode", "Bundle", "CaptureError", "BundleError",
     "MissingSources",
-    "Destination", "DefaultDestination", "DEFAULT", "Unavailable", "compile_cache_info",
+    "Destination", "DefaultDestination", "DEFAULT", "DATA_ONLY", "DataOnly", "Unavailable", "compile_cache_info",
 ]
 
 
@@ -58,7 +62,7 @@ def dumps(obj: Any, *, policy: Any = None) -> bytes:
 
 def decode(header: bytes | memoryview, frames: Sequence[Any], *, policy: Any = None,
            persistent_load: Callable[[str], Any] | None = None, device: str | None = None,
-           source_store: MutableMapping[str, str] | None = None) -> Any:
+           source_store: MutableMapping[str, str] | None = None, label: str = "obj") -> Any:
     """Rebuild the object of a bundle given as header bytes and frames.
 
     Writable frames (shared memory) become the tensors' memory without a copy; read-only
@@ -67,21 +71,29 @@ def decode(header: bytes | memoryview, frames: Sequence[Any], *, policy: Any = N
     a long-lived receiver remembers sources; segments sent by digest only are read from
     it, and :class:`MissingSources` lists those it lacks. Raises :class:`BundleError`;
     imports the policy refuses raise its ``ImportError``.
+
+    Rebuilding runs the bundle's code (class statements, constructors it names) under
+    ``policy``: with ``policy=DATA_ONLY`` only values are rebuilt, and anything else is a
+    :class:`BundleError` naming its path from ``label`` (``result[2].probe.fn``).
     """
     parsed, _ = _format.unpack_header(header)
-    return _decode(parsed, [_bytes_view(f) for f in frames], policy, persistent_load, device, source_store)
+    return _decode(parsed, [_bytes_view(f) for f in frames], policy, persistent_load, device, source_store, label)
 
 
 def loads(data: bytes | bytearray | memoryview, *, policy: Any = None,
           persistent_load: Callable[[str], Any] | None = None, device: str | None = None,
-          source_store: MutableMapping[str, str] | None = None) -> Any:
-    """Rebuild the object in bundle bytes, like ``pickle.loads``; raises :class:`BundleError`."""
+          source_store: MutableMapping[str, str] | None = None, label: str = "obj") -> Any:
+    """Rebuild the object in bundle bytes, like ``pickle.loads``; raises :class:`BundleError`.
+
+    Like ``pickle.loads``, this runs code the bundle carries unless ``policy`` restricts
+    it: read untrusted bytes with ``policy=DATA_ONLY`` (see :func:`decode`).
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BundleError(f"loads expects bytes, not {type(data).__name__}")
     view = _bytes_view(data)
     header, start = _format.unpack_header(view)
     frames = _format.split_frames(view, start, header["frames"])
-    return _decode(header, frames, policy, persistent_load, device, source_store)
+    return _decode(header, frames, policy, persistent_load, device, source_store, label)
 
 
 def _bytes_view(buffer: Any) -> memoryview:
@@ -90,10 +102,12 @@ def _bytes_view(buffer: Any) -> memoryview:
 
 
 def _decode(header: dict, frames: list, policy: Any, persistent_load: Any, device: str | None,
-            source_store: MutableMapping[str, str] | None) -> Any:
+            source_store: MutableMapping[str, str] | None, label: str) -> Any:
     if len(frames) != len(header["frames"]):
         raise BundleError(f"the bundle lists {len(header['frames'])} frames but {len(frames)} came with it")
     try:
+        if isinstance(policy, DataOnly):
+            return DataDecoder(header, frames, policy, persistent_load, device, source_store, label=label).root()
         return Decoder(header, frames, policy, persistent_load, device, source_store).root()
     except RecursionError:
         raise BundleError("the bundle nests too deeply to rebuild") from None

@@ -11,7 +11,7 @@ import sys
 import types
 from typing import Any, Callable, MutableMapping, Sequence
 
-from . import arrays, format as fmt
+from . import arrays, format as fmt, origins
 from .destination import DEFAULT
 from .errors import BundleError, MissingSources
 from .source import CLOSURE_WRAPPER, Segment, class_closure_code, code_of, compile_segment, register_lines
@@ -316,6 +316,7 @@ class Decoder:
         fn.__doc__ = self.value(spec.get("doc"))
         if "module_name" in spec:
             fn.__module__ = spec["module_name"]
+        origins.remember(fn, fn.__module__, fn.__qualname__)
         fn.__defaults__ = self.value(spec.get("defaults"))
         fn.__kwdefaults__ = self.value(spec.get("kwdefaults"))
         annotations = self.value(spec.get("annotations"))
@@ -368,6 +369,7 @@ class Decoder:
             cls = scope[_expect(spec["name"], str, "class name")]
         self._register(index, cls)
         cls.__qualname__ = _expect(spec["qualname"], str, "qualified name")
+        _remember_definitions(cls, namespace["__name__"], cls.__qualname__)
         self.class_attributes.append((cls, _expect(spec.get("attrs", {}), dict, "class attributes")))
         return cls
 
@@ -377,11 +379,20 @@ class Decoder:
         cls = namedtuple(_expect(typename, str, "namedtuple name"), _expect(names, list, "namedtuple fields"),
                          defaults=self.value(defaults) or None, module=_expect(module, str, "namedtuple module"))
         cls.__qualname__ = _expect(qualname, str, "qualified name")
+        origins.remember(cls, module, cls.__qualname__)
         return cls
 
     def _getattr(self, index: int, fields: list) -> Any:
         owner = self.value(fields[0])
-        return getattr(owner, _expect(fields[1], str, "attribute name"))
+        name = _expect(fields[1], str, "attribute name")
+        value = getattr(owner, name)
+        origin = origins.of(owner)
+        if origin is not None and getattr(value, "__qualname__", None) == f"{owner.__qualname__}.{name}" \
+                and getattr(value, "__module__", None) == owner.__module__:
+            # A nested class or method made by the shipped class statement (not one the
+            # class inherits from a library, which keeps its own name).
+            origins.remember(value, origin[0], f"{origin[1]}.{name}")
+        return value
 
     def _method(self, index: int, fields: list) -> types.MethodType:
         return types.MethodType(self.value(fields[0]), self.value(fields[1]))
@@ -461,6 +472,20 @@ class Decoder:
     def _ndarray(self, index: int, fields: list) -> Any:
         return arrays.ndarray_from_frame(self._frame(fields[0]), _expect(fields[1], str, "array dtype"),
                                          _expect(fields[2], list, "array shape"))
+
+
+def _remember_definitions(cls: type, module: str, qualname: str) -> None:
+    """Remember where a rebuilt class came from, and the classes and functions its
+    statement defined (nested classes, methods), which travel with it."""
+    origins.remember(cls, module, qualname)
+    for name, value in list(vars(cls).items()):
+        value = getattr(value, "__func__", value)  # staticmethod, classmethod
+        if getattr(value, "__qualname__", None) != f"{cls.__qualname__}.{name}":
+            continue
+        if isinstance(value, type):
+            _remember_definitions(value, module, f"{qualname}.{name}")
+        elif isinstance(value, types.FunctionType):
+            origins.remember(value, module, f"{qualname}.{name}")
 
 
 def _with_shipped_imports(builtins: dict, shipped: dict[str, types.ModuleType]) -> dict:

@@ -17,7 +17,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Container
 
-from . import arrays, format as fmt
+from . import arrays, format as fmt, origins
 from .destination import DEFAULT, walk_qualname
 from .errors import CaptureError
 from .source import (
@@ -194,7 +194,8 @@ class Encoder:
                 return self._new_node(obj, [fmt.PERSISTENT, token])
         self.depth += 1
         if self.depth > _MAX_DEPTH:
-            raise CaptureError(path, kind.__name__, f"the object graph nests deeper than {_MAX_DEPTH} levels",
+            raise CaptureError(path, kind.__name__, f"the object graph nests deeper than {_MAX_DEPTH} levels, more "
+                               f"than the destination ({self._dest_name()}) rebuilds",
                                "Flatten the structure (for example a linked list into a list).")
         try:
             return self._dispatch(obj, kind, path)
@@ -231,7 +232,9 @@ class Encoder:
             return self._ndarray(obj, path)
         refusal = _refusal(obj)
         if refusal is not None:
-            raise CaptureError(path, _type_name(obj), *refusal)
+            reason, advice = refusal
+            raise CaptureError(path, _type_name(obj), f"{reason}, which the destination ({self._dest_name()}) "
+                               "cannot have", advice)
         if isinstance(obj, types.ModuleType):
             return self._module(obj, path, full=True)
         if kind is types.FunctionType:
@@ -446,6 +449,31 @@ class Encoder:
             return None
         return self._new_node(obj, [fmt.REFERENCE, module, qualname])
 
+    def _sent_back(self, obj: Any, path: str, what: str) -> fmt.Ref | None:
+        """A class or function rebuilt here from what the destination sent, as a
+        reference to the destination's own (see ``capture.origins``)."""
+        origin = origins.of(obj)
+        if origin is None or not self.dest.provides(origin[0]):
+            return None
+        module, qualname = origin
+        if not origins.nameable(qualname):
+            raise CaptureError(path, f"{what} {module}.{qualname}",
+                               f"the {self._dest_name()} sent this {what}, but it is a lambda or is defined inside "
+                               f"a function, so the {self._dest_name()} has nothing to find it by name",
+                               f"Define it at module level in {module}, or return data instead of the {what}.")
+        return self._new_node(obj, [fmt.REFERENCE, module, qualname])
+
+    def _made_here(self, obj: Any, path: str, what: str) -> CaptureError:
+        """A class or function that shipped code created on this side (the worker) at
+        run time: the destination (the client) has no counterpart to name."""
+        return CaptureError(
+            path, f"{what} {obj.__qualname__}",
+            f"the worker created this {what} while your code ran there ({obj.__qualname__!r} in "
+            f"{obj.__module__!r} was not sent by the {self._dest_name()}), so the {self._dest_name()} has "
+            f"no {what} of that name",
+            f"Return data instead: a dict, list or tuple, or an instance of a class defined at module level in "
+            f"your own module (those come back as the {self._dest_name()}'s own class).")
+
     def _builtin(self, obj: Any, path: str) -> fmt.Ref:
         owner = getattr(obj, "__self__", None)
         if owner is None or isinstance(owner, types.ModuleType):
@@ -463,13 +491,17 @@ class Encoder:
 
     def _function(self, fn: types.FunctionType, path: str) -> fmt.Ref:
         module = fn.__module__
-        ref = self._reference(fn, module, fn.__qualname__, path)
+        ref = self._sent_back(fn, path, "function") or self._reference(fn, module, fn.__qualname__, path)
         if ref is not None:
             return ref
         if module and self.dest.provides(module):
-            raise CaptureError(path, "function",
-                               f"{fn.__qualname__!r} belongs to {module!r}, which the destination has, "
-                               "but is not reachable there by name (a lambda or closure inside it)",
+            home = sys.modules.get(module)
+            if home is None or vars(home) is not fn.__globals__:
+                raise self._made_here(fn, path, "function")
+            raise CaptureError(path, f"function {fn.__qualname__}",
+                               f"{fn.__qualname__!r} belongs to {module!r}, which the destination "
+                               f"({self._dest_name()}) has, but is not reachable there by name (a lambda or "
+                               "closure inside it)",
                                "Wrap the call in a function of your own module.")
         owner = self._owning_class(fn)
         if owner is not None:
@@ -478,7 +510,9 @@ class Encoder:
         try:
             segment = function_segment(fn.__code__, fn.__globals__)
         except SourceUnavailable as exc:
-            raise CaptureError(path, "function", f"the source of {fn.__qualname__!r} cannot be found: {exc}",
+            raise CaptureError(path, f"function {fn.__qualname__}",
+                               f"the destination ({self._dest_name()}) does not have {fn.__qualname__!r}, so it "
+                               f"must travel as source, and its source cannot be found: {exc}",
                                "Define it with `def` in a .py file, a notebook cell or a __main__ script.") from None
         node: dict[str, Any] = {}
         ref = self._new_node(fn, [fmt.FUNCTION, node])
@@ -488,7 +522,10 @@ class Encoder:
         node["name"] = fn.__name__
         node["qualname"] = fn.__qualname__
         node["doc"] = self.value(fn.__doc__, f"{path}.__doc__")
-        node["deps"] = self._need_globals(fn.__globals__, global_names(fn.__code__), path)
+        try:
+            node["deps"] = self._need_globals(fn.__globals__, global_names(fn.__code__), path)
+        except CaptureError as exc:
+            raise _needed_by(path, f"function {fn.__qualname__}", exc) from None
         imports = self._relative_imports(fn, path)
         if imports:
             node["imports"] = imports
@@ -573,7 +610,7 @@ class Encoder:
 
     def _class(self, cls: type, path: str) -> fmt.Ref:
         module = cls.__module__
-        ref = self._reference(cls, module, cls.__qualname__, path)
+        ref = self._sent_back(cls, path, "class") or self._reference(cls, module, cls.__qualname__, path)
         if ref is None and module == "builtins":  # NoneType, EllipsisType, ... are named in `types`
             ref = self._reference(cls, "types", cls.__name__, path)
         if ref is not None:
@@ -581,12 +618,17 @@ class Encoder:
         if _is_namedtuple_class(cls):
             return self._namedtuple_class(cls, path)
         if module == "builtins":  # what exec() or type() made in a namespace without __name__
-            raise CaptureError(path, "class", f"class {cls.__qualname__!r} has no source to ship (made by exec "
-                               "or type(), not by a class statement in a file)",
+            raise CaptureError(path, f"class {cls.__qualname__}", f"the destination ({self._dest_name()}) has no "
+                               f"class {cls.__qualname__!r}, and it has no source to ship (made by exec or type(), "
+                               "not by a class statement in a file)",
                                "Define the class with a `class` statement in a .py file, notebook cell or script.")
         if self.dest.provides(module):
-            raise CaptureError(path, "class", f"{cls.__qualname__!r} belongs to {module!r}, which the "
-                               "destination has, but is not reachable there by name",
+            home = sys.modules.get(module)
+            namespace = _class_globals(cls)
+            if home is None or (namespace is not None and namespace is not vars(home)):
+                raise self._made_here(cls, path, "class")
+            raise CaptureError(path, f"class {cls.__qualname__}", f"{cls.__qualname__!r} belongs to {module!r}, which the "
+                               f"destination ({self._dest_name()}) has, but is not reachable there by name",
                                "Define the class in a module of your own.")
         outer_name, _, name = cls.__qualname__.rpartition(".")
         if outer_name and not outer_name.endswith("<locals>"):
@@ -598,22 +640,31 @@ class Encoder:
                 return self._new_node(cls, [fmt.ATTRIBUTE, self.value(outer, f"{path}.<outer class>"), name])
         home = sys.modules.get(module)
         if home is not None and _is_compiled(home):
-            raise CaptureError(path, "class", f"{cls.__qualname__!r} comes from {module!r}, which the destination "
+            raise CaptureError(path, f"class {cls.__qualname__}", f"{cls.__qualname__!r} comes from {module!r}, which the destination "
                                f"({self._dest_name()}) does not have and which has no Python source "
                                "(a C extension)", f"Use only what the destination provides, or ask for {module!r} "
                                "to be installed on the server (and add it to your policy).")
+        if "__dataclass_fields__" in vars(cls) and not self.dest.provides("dataclasses"):
+            raise CaptureError(path, f"{cls.__qualname__} dataclass",
+                               f"it is a @dataclass, and the destination ({self._dest_name()}) does not have the "
+                               "module 'dataclasses' that its class statement needs",
+                               f"Make {cls.__name__} a plain class with an __init__ (plain classes travel as source), "
+                               "or use a policy whose destination has dataclasses.")
         namespace = getattr(home, "__dict__", None)
         filename = _class_file(cls, namespace)
         if namespace is None:
             namespace = _class_globals(cls)
         if filename is None or namespace is None:
-            raise CaptureError(path, "class", f"the source of class {cls.__qualname__!r} cannot be found "
-                               "(created by type() or exec, or its module is gone)",
+            raise CaptureError(path, f"class {cls.__qualname__}", f"the destination ({self._dest_name()}) does not "
+                               f"have class {cls.__qualname__!r}, so it must travel as source, and its source "
+                               f"cannot be found (created by type() or exec, or its module is gone)",
                                "Define the class with a `class` statement in a .py file, notebook cell or script.")
         try:
             segment = class_segment(cls, namespace, filename)
         except SourceUnavailable as exc:
-            raise CaptureError(path, "class", f"the source of class {cls.__qualname__!r} cannot be found: {exc}",
+            raise CaptureError(path, f"class {cls.__qualname__}", f"the destination ({self._dest_name()}) does not "
+                               f"have class {cls.__qualname__!r}, so it must travel as source, and its source "
+                               f"cannot be found: {exc}",
                                "Define the class with a `class` statement in a .py file, notebook cell or script.") from None
         node: dict[str, Any] = {}
         ref = self._new_node(cls, [fmt.CLASS, node])
@@ -623,9 +674,12 @@ class Encoder:
         node["name"] = cls.__name__
         node["qualname"] = cls.__qualname__
         used = global_names(class_statement_code(segment))
-        node["deps"] = self._need_globals(namespace, used, path)
-        node["closure"] = self._class_closure(cls, used, namespace, path) if "<locals>" in cls.__qualname__ else {}
-        node["attrs"] = self._class_attributes(cls, segment, path)
+        try:
+            node["deps"] = self._need_globals(namespace, used, path)
+            node["closure"] = self._class_closure(cls, used, namespace, path) if "<locals>" in cls.__qualname__ else {}
+            node["attrs"] = self._class_attributes(cls, segment, path)
+        except CaptureError as exc:
+            raise _needed_by(path, f"class {cls.__qualname__}", exc) from None
         return ref
 
     def _namedtuple_class(self, cls: type, path: str) -> fmt.Ref:
@@ -693,11 +747,13 @@ class Encoder:
 
         self._requires("torch", path, "Tensor")
         if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
-            raise CaptureError(path, _type_name(tensor), "tensor subclasses carry behaviour outside the data",
+            raise CaptureError(path, _type_name(tensor), "tensor subclasses carry behaviour outside the data, and "
+                               f"the destination ({self._dest_name()}) rebuilds plain tensors only",
                                "Send a plain tensor (tensor.as_subclass(torch.Tensor)) or the data it wraps.")
         if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type == "meta":
-            raise CaptureError(path, "Tensor", f"only dense tensors with data travel (this one is "
-                               f"{tensor.layout}, device {tensor.device})", "Convert with .to_dense() or materialise it.")
+            raise CaptureError(path, "Tensor", f"the destination ({self._dest_name()}) rebuilds dense tensors with "
+                               f"data only (this one is {tensor.layout}, device {tensor.device})",
+                               "Convert with .to_dense() or materialise it.")
         ref = self._new_node(tensor, [fmt.TENSOR, None])
         if tensor.is_conj() or tensor.is_neg():
             # A lazy conjugate/negative view: its storage holds the unresolved values.
@@ -742,7 +798,8 @@ class Encoder:
         self._requires("numpy", path, "ndarray")
         if array.dtype.hasobject or array.dtype.fields is not None:
             raise CaptureError(path, f"ndarray[{array.dtype}]", "object and structured arrays hold Python "
-                               "objects or named fields, not raw numbers", "Convert to a numeric array or a list.")
+                               f"objects or named fields, and the destination ({self._dest_name()}) rebuilds arrays "
+                               "of raw numbers only", "Convert to a numeric array or a list.")
         contiguous, view = arrays.ndarray_frame(array)
         return self._new_node(array, [fmt.NDARRAY, self._frame(view, contiguous), array.dtype.str, list(array.shape)])
 
@@ -752,7 +809,8 @@ class Encoder:
         try:
             reduced = obj.__reduce_ex__(4)
         except Exception as exc:
-            raise CaptureError(path, _type_name(obj), f"it does not describe how to rebuild itself ({exc})",
+            raise CaptureError(path, _type_name(obj), f"it does not describe how to rebuild itself ({exc}), so the "
+                               f"destination ({self._dest_name()}) would have no way to",
                                "Send the data it holds instead, or give its class __getstate__/__setstate__ "
                                "or __reduce__.") from None
         if isinstance(reduced, str):
@@ -763,16 +821,17 @@ class Encoder:
                                    f"destination ({self._dest_name()}) does not have", "Send its data instead.")
             return ref
         if not isinstance(reduced, tuple) or not 2 <= len(reduced) <= 6:
-            raise CaptureError(path, _type_name(obj), "its __reduce_ex__ returned an unusable value",
+            raise CaptureError(path, _type_name(obj), "its __reduce_ex__ returned an unusable value, so the "
+                               f"destination ({self._dest_name()}) would have no way to rebuild it",
                                "Fix the class's __reduce__.")
         func, args, state, listitems, dictitems, state_setter = (tuple(reduced) + (None,) * 5)[:6]
         if state_setter is not None:
             raise CaptureError(path, _type_name(obj), "its __reduce__ names a state setter, which bundles "
-                               "do not carry", "Return state that __setstate__ (or plain attribute "
+                               f"do not carry to the destination ({self._dest_name()})", "Return state that __setstate__ (or plain attribute "
                                "assignment) restores, without the sixth element.")
         if not isinstance(args, tuple) or not callable(func):
             raise CaptureError(path, _type_name(obj), "its __reduce__ did not return a callable and an "
-                               "argument tuple", "Fix the class's __reduce__.")
+                               f"argument tuple, so the destination ({self._dest_name()}) would have no way to rebuild it", "Fix the class's __reduce__.")
         if func is copyreg.__newobj__ or func is copyreg.__newobj_ex__:
             cls, new_args = args[0], args[1:]
             kwargs = {}
@@ -780,7 +839,13 @@ class Encoder:
                 cls, new_args, kwargs = args
             ref = self._new_node(obj, [fmt.OBJECT, None, None, None, None, None, None])
             node = self.nodes[ref.index]
-            node[1] = self.value(cls, f"{path}.__class__")
+            try:
+                node[1] = self.value(cls, f"{path}.__class__")
+            except CaptureError as exc:
+                if exc.path != f"{path}.__class__":
+                    raise
+                # The user knows the instance by its own name, not by its class.
+                raise CaptureError(path, exc.type_name, exc.reason, exc.workaround) from None
             node[2] = self.value(tuple(new_args), f"{path}.<new args>")
             node[3] = self.value(dict(kwargs), f"{path}.<new kwargs>") if kwargs else None
         else:
@@ -802,6 +867,20 @@ class Encoder:
         if type(state) is tuple and len(state) == 2 and all(s is None or type(s) is dict for s in state):
             return self._new_node(state, [fmt.TUPLE, [self._state(s, path) if s is not None else None for s in state]])
         return self.value(state, f"{path}.<state>")
+
+
+def _needed_by(path: str, type_name: str, exc: CaptureError) -> CaptureError:
+    """A refusal met while capturing what a definition uses (its globals, closure, class
+    attributes), told from the definition the user passed: that is the path they know.
+    A chain of definitions reads ``it uses a.f, which uses b.g (type), which cannot travel: ...``."""
+    if exc.path == path or exc.path.startswith((path + ".", path + "[")):
+        return exc
+    chain = [exc.path, *getattr(exc, "uses", ())]
+    cause = getattr(exc, "cause", (exc.type_name, exc.reason))
+    error = CaptureError(path, type_name, f"it uses {', which uses '.join(chain)} ({cause[0]}), which cannot "
+                         f"travel: {cause[1]}", exc.workaround)
+    error.uses, error.cause = chain, cause
+    return error
 
 
 def _has_lone_surrogate(text: str) -> bool:

@@ -66,7 +66,10 @@ def encode_call(fn: Callable, args: tuple = (), kwargs: dict | None = None, *, p
 
 
 def decode_result(data: bytes) -> Any:
-    """The value in ``Worker.run_bytes``'s output, or raise the error it holds."""
+    """The value in ``Worker.run_bytes``'s output, or raise the error it holds.
+
+    The outcome is read as data only (``capture.DATA_ONLY``): nothing in it runs here.
+    """
     try:
         outcome = msgpack.unpackb(data, raw=False)
     except Exception as exc:  # msgpack reports malformed input with assorted types
@@ -75,7 +78,8 @@ def decode_result(data: bytes) -> Any:
         raise ValueError("not an outcome from Worker.run_bytes: expected a map with 'result' or 'error'")
     if "error" in outcome:
         raise rebuild(outcome["error"])
-    return capture.loads(outcome["result"], persistent_load=_model_placeholder)
+    return capture.loads(outcome["result"], policy=capture.DATA_ONLY, persistent_load=_model_placeholder,
+                         label="result")
 
 
 def _load_policy(spec: Any):
@@ -368,7 +372,7 @@ class Worker:
             if entry.raw_reply:
                 future.set_result(msgpack.packb({"error": info}, use_bin_type=True))
             else:
-                future.set_exception(rebuild(info, provides=self.policy.provides if self.policy else None))
+                future.set_exception(rebuild(info))
         else:  # a control answer: pong, status, ready, stopping
             future.set_result(message.meta)
 
@@ -380,7 +384,8 @@ class Worker:
         # us until nothing views it any more.
         views = [self._leases.lend(frame, message.segments[index]) if index in message.segments
                  else memoryview(bytearray(frame)) for index, frame in enumerate(message.frames)]
-        return capture.decode(views[0], views[1:], persistent_load=_model_placeholder)
+        return capture.decode(views[0], views[1:], policy=capture.DATA_ONLY, persistent_load=_model_placeholder,
+                              label="result")
 
     def _note_store(self, sources: Any) -> None:
         """Forget what a previous worker held once replies come from a new one (a

@@ -1,17 +1,17 @@
 """The runner's exceptions, and how a failure on the worker is rebuilt in the client.
 
 Everything the runner raises on its own account derives from ``RunnerError``. A user
-exception raised inside the worker comes back as its original type when that type is a
-builtin or a server type (see ``rebuild``), else as ``RemoteError``; either way its
+exception raised inside the worker comes back as its original type when the client
+has already loaded that type (see ``rebuild``), else as ``RemoteError``; either way its
 ``__cause__`` is a ``RemoteTraceback`` whose text is the worker-side traceback, pointing
 at the user's own files and lines.
 """
 from __future__ import annotations
 
-import builtins
-import importlib
 import traceback
 from typing import Any
+
+import capture
 
 
 class RunnerError(Exception):
@@ -116,8 +116,6 @@ USER, CRASHED, TIMEOUT, MEMORY, STOPPED, START, RUNNER = (
 _CATEGORY_TYPES = {
     CRASHED: WorkerCrashed, TIMEOUT: RequestTimeout, MEMORY: MemoryLimitExceeded,
 }
-# Exception types from our own packages always exist on both sides.
-_OWN_PACKAGES = ("runner", "capture", "sandbox")
 
 
 def describe(exc: BaseException, *, skip_dirs: tuple[str, ...] = ()) -> dict:
@@ -150,12 +148,14 @@ def failure(category: str, message: str, **extra: Any) -> dict:
     return {"category": category, "message": message, **extra}
 
 
-def rebuild(info: dict, *, provides=None) -> BaseException:
+def rebuild(info: dict) -> BaseException:
     """Turn a wire failure back into an exception to raise in the client.
 
-    A user exception keeps its type when that type is a builtin, belongs to the runner's
-    own packages, or comes from a module the destination ``provides`` (a server type:
-    torch, numpy...); otherwise it becomes ``RemoteError``.
+    A user exception keeps its type when that type is an exception class the client has
+    already loaded (a builtin, torch's, the user's own module's): it is looked up in
+    ``sys.modules`` without importing anything (``capture.DATA_ONLY``'s lookup), so a
+    reply cannot make the client import a module. Otherwise it becomes ``RemoteError``.
+    The type's constructor gets only the plain values the reply carried.
     """
     category = info.get("category")
     message = str(info.get("message", ""))
@@ -167,7 +167,7 @@ def rebuild(info: dict, *, provides=None) -> BaseException:
         return WorkerStartError(message)
     if category == RUNNER:
         return RunnerError(message)
-    exc = _original_type_instance(info, provides) or RemoteError(
+    exc = _original_type_instance(info) or RemoteError(
         f"{info.get('module')}.{info.get('qualname')}", message)
     frames = info.get("traceback") or []
     text = "Traceback (most recent call last) on the worker:\n" + "".join(
@@ -177,20 +177,13 @@ def rebuild(info: dict, *, provides=None) -> BaseException:
     return exc
 
 
-def _original_type_instance(info: dict, provides) -> BaseException | None:
+def _original_type_instance(info: dict) -> BaseException | None:
     module, qualname = info.get("module"), info.get("qualname")
     if not isinstance(module, str) or not isinstance(qualname, str):
         return None
-    if module == "builtins":
-        cls = getattr(builtins, qualname, None)
-    elif module.partition(".")[0] in _OWN_PACKAGES or (provides is not None and provides(module)):
-        try:
-            cls = importlib.import_module(module)
-            for part in qualname.split("."):
-                cls = getattr(cls, part)
-        except Exception:
-            return None
-    else:
+    try:
+        cls = capture.DATA_ONLY.resolve(module, qualname)
+    except ImportError:
         return None
     if not (isinstance(cls, type) and issubclass(cls, BaseException)):
         return None
