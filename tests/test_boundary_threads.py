@@ -319,6 +319,18 @@ def test_every_task_of_the_worker_is_confined(confined, attacks):
             assert int(status["CapEff"], 16) == 0, (tid, status["CapEff"])
 
 
+def test_a_model_built_at_first_use_leaves_no_thread_behind(tmp_path, attacks):
+    """Building the embedded model starts threads (tokenizers' pool, a progress bar): the
+    worker builds it in a child process, so a confined worker still starts on a fresh cache."""
+    worker = _start("required", SOURCEBOX_CACHE=str(tmp_path / "cache"))
+    try:
+        assert list((tmp_path / "cache" / "models").iterdir())  # built by this start
+        assert "threads       active" in worker.status()["sandbox"]
+        assert len(worker.call(attacks.forward, runner.MODEL, [1, 2])) == 512
+    finally:
+        worker.close()
+
+
 # ----------------------------------------------------------------------------- identity
 
 
