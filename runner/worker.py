@@ -10,8 +10,8 @@ talks only to it, over one inherited Unix socket. Start-up order matters:
    unprivileged uid, scrubbed ``sys.path``); nothing user-supplied has run before it, and
    it refuses (``confine="required"``) if any other thread exists: Landlock, capabilities
    and the uid are per thread,
-3. the model load, confined, with its directory granted read-only: the threads it starts
-   (progress bars, OpenMP, CUDA) inherit every layer,
+3. the model load, confined, with its directory granted read-only, and torch's thread pool
+   started: the threads they start (progress bars, OpenMP, CUDA) inherit every layer,
 4. the ``ready`` message, then one request at a time; end of the channel ends the process.
 
 Each request's bundle is decoded by ``capture`` under the policy into fresh namespaces,
@@ -264,6 +264,13 @@ def _load_model(directory: str | None, device: str):
     return model, str(parameter.device) if parameter is not None else device
 
 
+def _start_thread_pool(torch) -> None:
+    """Start torch's intra-op (OpenMP) pool now, confined like every thread: it then exists
+    before user code can use up the task bound, and libgomp ends the process when it cannot
+    create its threads."""
+    torch.zeros(1 << 20).add_(1)  # past the parallel grain size: every pool thread starts
+
+
 def _import_extensions(extra: list[str]) -> None:
     for name in (*handlers.EXTENSIONS, *extra):
         if name in handlers.EXTENSIONS and importlib.util.find_spec(name) is None:
@@ -307,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             if os.getppid() != args.parent_pid:  # it died while the uid change had disarmed PDEATHSIG
                 os._exit(1)
             model, device = _load_model(model_dir, args.device)
+            if "torch" in sys.modules:
+                _start_thread_pool(sys.modules["torch"])
             loaded = time.monotonic() - started
         except BaseException as exc:
             conn.send("failed", 0, {"error": f"{type(exc).__name__}: {exc}",

@@ -139,6 +139,15 @@ def forward(model, ids):
         return model._module(torch.tensor([ids])).logits[0, -1].tolist()
 
 
+def matmul_and_forward(model):
+    """Parallel work for torch's thread pool: a large element-wise op, then a forward pass."""
+    import torch
+
+    torch.zeros(1 << 22).add_(1)
+    with torch.no_grad():
+        return model._module(torch.tensor([[1, 2, 3] * 20])).logits[0, -1].tolist()
+
+
 def clear_death_signal_then(seconds):
     """prctl(PR_SET_PDEATHSIG, 0), then stay busy (not reading the channel); a file in
     scratch (the working directory) says when."""
@@ -391,6 +400,21 @@ def test_thousands_of_threads_meet_the_task_bound_and_the_worker_serves_on(confi
     assert started <= sandbox.confine.MAX_TASKS < THREADS_TO_START
     assert confined.status()["worker_pid"] == pid  # the same worker, still up
     assert _victim(confined, attacks) == expected  # another client gets a correct result
+
+
+def test_a_request_exhausting_the_bound_first_leaves_torch_working(attacks):
+    """On a fresh worker, the first request uses up the task bound: torch's thread pool was
+    started with the worker, so the next request's parallel work needs no new thread
+    (libgomp ends the process when it cannot create one)."""
+    worker = _start("required")
+    try:
+        pid = worker.status()["worker_pid"]
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            worker.call(attacks.start_threads, THREADS_TO_START)
+        assert len(worker.call(attacks.matmul_and_forward, runner.MODEL)) == 512
+        assert worker.status()["worker_pid"] == pid
+    finally:
+        worker.close()
 
 
 def test_control_without_the_bound_every_thread_starts(unconfined, attacks):
