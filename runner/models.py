@@ -67,13 +67,14 @@ def valid_specs() -> str:
     )
 
 
-def path(spec: str = DEFAULT_SPEC) -> str:
+def path(spec: str = DEFAULT_SPEC, *, build: bool = True) -> str | None:
     """Return a local directory holding the model named by ``spec``, building it if needed.
 
     ``spec`` is ``"tiny-gpt2"``, ``"tiny-gpt2-<N>l"`` or an existing local directory
     (returned as an absolute path). Embedded models are built once per recipe and cached;
     concurrent first use from several processes is safe (each builds in a private
-    temporary directory and the first atomic rename wins).
+    temporary directory and the first atomic rename wins). ``build=False``: return ``None``
+    instead of building a missing embedded model (a build starts threads).
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"model spec must be a string or path, got {type(spec).__name__}; use {valid_specs()}")
@@ -84,6 +85,8 @@ def path(spec: str = DEFAULT_SPEC) -> str:
     recipe = _recipe(layers)
     target = _cache_root() / f"{spec_text}-{_recipe_version(recipe)}"
     if not target.is_dir():
+        if not build:
+            return None
         _build_atomically(target, recipe)
     return str(target)
 

@@ -3,10 +3,16 @@
 It is started by the supervisor (``runner.supervisor``), never by users directly, and
 talks only to it, over one inherited Unix socket. Start-up order matters:
 
-1. imports and the model load (files, threads and libraries the sandbox would refuse),
-2. ``sandbox.enter``: the one seam where confinement starts (seccomp, Landlock, rlimits,
-   scrubbed ``sys.path``); nothing user-supplied has run before it,
-3. the ``ready`` message, then one request at a time.
+1. imports (libraries the sandbox would refuse to load later), with no thread but the main
+   one: numpy's OpenBLAS is held to one thread, a model that must first be built is built
+   in a child process,
+2. ``sandbox.enter``: the one seam where confinement starts (seccomp, Landlock, rlimits, an
+   unprivileged uid, scrubbed ``sys.path``); nothing user-supplied has run before it, and
+   it refuses (``confine="required"``) if any other thread exists: Landlock, capabilities
+   and the uid are per thread,
+3. the model load, confined, with its directory granted read-only, and torch's thread pool
+   started: the threads they start (progress bars, OpenMP, CUDA) inherit every layer,
+4. the ``ready`` message, then one request at a time; end of the channel ends the process.
 
 Each request's bundle is decoded by ``capture`` under the policy into fresh namespaces,
 handed to its handler (``runner.handlers``), and the result encoded back. Source texts
@@ -27,6 +33,7 @@ import importlib.util
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -231,15 +238,37 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _load_model(spec: str, device: str):
-    """The model (or ``None`` for spec ``none``), its directory, and the device it is on."""
+def _model_directory(spec: str) -> str | None:
+    """The model's directory (``None`` for spec ``none``). An embedded model not built yet
+    is built in a child process: the build's threads must not exist here at enter."""
     if spec == "none":
-        return None, None, "cpu" if device == "auto" else device
+        return None
     from . import models
 
-    model = models.load(spec, device)
+    directory = models.path(spec, build=False)
+    if directory is None:
+        subprocess.run([sys.executable, "-c", "import sys, runner.models; runner.models.path(sys.argv[1])", spec],
+                       stdin=subprocess.DEVNULL, stdout=sys.stderr, check=True)
+        directory = models.path(spec, build=False)
+    return directory
+
+
+def _load_model(directory: str | None, device: str):
+    """The model in ``directory`` (``None``: no model) and the device it is on."""
+    if directory is None:
+        return None, "cpu" if device == "auto" else device
+    from . import models
+
+    model = models.load(directory, device)
     parameter = next(model._module.parameters(), None)
-    return model, models.path(spec), str(parameter.device) if parameter is not None else device
+    return model, str(parameter.device) if parameter is not None else device
+
+
+def _start_thread_pool(torch) -> None:
+    """Start torch's intra-op (OpenMP) pool now, confined like every thread: it then exists
+    before user code can use up the task bound, and libgomp ends the process when it cannot
+    create its threads."""
+    torch.zeros(1 << 20).add_(1)  # past the parallel grain size: every pool thread starts
 
 
 def _import_extensions(extra: list[str]) -> None:
@@ -267,6 +296,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _die_with_parent(args.parent_pid)
+    # numpy's OpenBLAS starts its pool when loaded (through torch, below): held to one
+    # thread so that this one is alone at sandbox.enter. torch's pool starts at first use.
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
     sock = socket.socket(fileno=args.channel_fd)
     pool, segments, sources = SegmentPool(), SegmentMap(), SourceStore()
     conn = Connection(sock, pool=pool, segments=segments, shm_threshold=args.shm_threshold)
@@ -275,11 +307,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             started = time.monotonic()
             policy = sandbox.Policy.load(args.policy)
-            model, model_dir, device = _load_model(args.model, args.device)
             _import_extensions([name for name in args.handlers.split(",") if name])
-            loaded = time.monotonic() - started
+            model_dir = _model_directory(args.model)
             report = sandbox.enter(policy, scratch=args.scratch, read_paths=(model_dir,) if model_dir else (),
                                    confine=args.confine)
+            if os.getppid() != args.parent_pid:  # it died while the uid change had disarmed PDEATHSIG
+                os._exit(1)
+            model, device = _load_model(model_dir, args.device)
+            if "torch" in sys.modules:
+                _start_thread_pool(sys.modules["torch"])
+            loaded = time.monotonic() - started
         except BaseException as exc:
             conn.send("failed", 0, {"error": f"{type(exc).__name__}: {exc}",
                                     "traceback": traceback.format_exc()})
@@ -310,4 +347,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: it would wait for non-daemon threads user code left running, and the
+    # worker must end when its channel does.
+    os._exit(status)

@@ -7,10 +7,13 @@ Layers, in the order they are applied:
   process's initial environment block, working directory and temp dir moved to
   the scratch directory. (Import policy for user code lives in
   :mod:`sandbox.guard`; it needs no set-up here.)
-* rlimits: no core dumps, bounded open files and file size (no ``RLIMIT_AS``:
-  CUDA reserves huge virtual address ranges).
-* capabilities: a root worker drops every capability (root's file access,
-  raising limits, namespaces and raw I/O all hang on them).
+* rlimits: no core dumps, bounded open files, file size and tasks (threads)
+  of the worker's user (no ``RLIMIT_AS``: CUDA reserves huge virtual address
+  ranges).
+* capabilities: a root worker becomes an unprivileged user (``uid``/``gid``,
+  default nobody/nogroup) keeping only ``CAP_DAC_READ_SEARCH`` (read-only
+  access to files Landlock grants, e.g. the interpreter under a mode-700
+  /root); any other worker drops every capability.
 * no_new_privs: no set-uid gain through exec; required by Landlock and seccomp.
 * landlock: read-only access to the interpreter, site-packages, the modules
   already imported, shared libraries, ``/proc``, ``/sys``, a few ``/dev``
@@ -18,6 +21,9 @@ Layers, in the order they are applied:
   ``/dev/shm``; nothing else. No TCP bind/connect, no abstract Unix sockets
   or signals outside the sandbox.
 * seccomp: see :mod:`sandbox.seccomp_filter`.
+* threads: Landlock, capabilities and no-new-privs are per-thread, so no
+  thread but the caller may exist at ``enter``; afterwards every task in
+  /proc/self/task is checked.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from .paths import interpreter_roots, is_under
 from .policy import Policy
 
 CONFINE_MODES = ("required", "best-effort", "off")
-OS_LAYERS = ("rlimits", "capabilities", "no_new_privs", "landlock", "seccomp")
+OS_LAYERS = ("rlimits", "capabilities", "no_new_privs", "landlock", "seccomp", "threads")
 LAYERS = ("python", *OS_LAYERS)
 
 # Environment variables the worker keeps (plus every LC_*): locale, time zone,
@@ -57,6 +63,12 @@ SAFE_ENVIRONMENT = frozenset(
 )
 
 MAX_OPEN_FILES = 8192
+# Tasks (threads) the worker may add to its user's count (RLIMIT_NPROC counts every
+# task of the real uid): room for torch's and CUDA's pools on a large machine.
+MAX_TASKS = 1024
+# Who a root worker becomes: nobody/nogroup unless the caller names another user.
+UNPRIVILEGED_UID = 65534
+UNPRIVILEGED_GID = 65534
 # Large enough for result tensors written to /dev/shm segments (ftruncate counts).
 MAX_FILE_SIZE = 64 << 30
 
@@ -73,12 +85,16 @@ READ_WRITE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full")
 READ_DEVICES = ("/dev/urandom", "/dev/random")
 SHARED_MEMORY = "/dev/shm"
 
+_PR_SET_PDEATHSIG = 1
+_PR_GET_PDEATHSIG = 2
+_PR_SET_KEEPCAPS = 8
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_GET_NO_NEW_PRIVS = 39
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 _CAPABILITY_VERSION_3 = 0x20080522
+_CAP_DAC_READ_SEARCH = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _entered_lock = threading.Lock()
@@ -160,19 +176,27 @@ def enter(
     read_paths: Iterable[str | os.PathLike[str]] = (),
     write_paths: Iterable[str | os.PathLike[str]] = (),
     confine: str = "best-effort",
+    uid: int = UNPRIVILEGED_UID,
+    gid: int = UNPRIVILEGED_GID,
 ) -> Report:
     """Confine this process for running user code under ``policy``. Call once.
 
-    Call it after the model is loaded and everything the worker needs is
-    imported, in the thread that will run user code (threads started earlier
-    keep Landlock-free file access on kernels before Landlock ABI 8).
+    Call it after everything the worker needs is imported and while the
+    calling thread is the process's only one: Landlock, capabilities and
+    no-new-privs apply to the calling thread and the threads it starts later,
+    so a thread that exists before would keep full rights. Load data (the
+    model) afterwards, with its paths in ``read_paths``: the threads that the
+    load starts (progress bars, OpenMP, CUDA) then inherit every layer.
 
     ``scratch``: the only directory user code can write (besides
     ``write_paths`` and ``/dev/shm``); it becomes the working directory, HOME
     and TMPDIR. ``read_paths``: extra read-only paths (the model directory).
     ``confine``: ``"required"`` raises :class:`~sandbox.ConfinementUnavailable`
-    if any OS layer cannot be applied, ``"best-effort"`` applies what it can,
-    ``"off"`` applies only the Python layer (the report says so loudly).
+    if any OS layer cannot be applied or another thread exists (named in the
+    error), ``"best-effort"`` applies what it can, ``"off"`` applies only the
+    Python layer (the report says so loudly). ``uid``/``gid``: whom a root
+    process becomes (scratch is handed to them; ``write_paths`` must be
+    writable by them); ignored when not root.
     """
     global _entered_report
     if confine not in CONFINE_MODES:
@@ -196,6 +220,7 @@ def enter(
         ruleset = _landlock_ruleset(scratch_path, read_list, write_list)
         if confine == "required":
             _refuse_known_gaps(seccomp_error)
+        earlier_threads = _other_threads()
         report.layers["python"] = LayerStatus("python", "active", _scrub_python(scratch_path))
         if confine == "off":
             for layer in OS_LAYERS:
@@ -203,11 +228,12 @@ def enter(
             _entered_report = report
             return report
         steps = (
-            ("rlimits", _apply_rlimits),
-            ("capabilities", _drop_capabilities),
+            ("rlimits", lambda: _apply_rlimits(uid if os.geteuid() == 0 else os.getuid())),
+            ("capabilities", lambda: _drop_privileges(uid, gid, scratch_path)),
             ("no_new_privs", _set_no_new_privs),
             ("landlock", lambda: _apply_landlock(ruleset)),
             ("seccomp", lambda: _apply_seccomp(seccomp_plan, seccomp_error)),
+            ("threads", lambda: _verify_tasks(earlier_threads)),
         )
         for layer, step in steps:
             try:
@@ -230,6 +256,9 @@ def entered() -> "Report | None":
 
 def _refuse_known_gaps(seccomp_error: str) -> None:
     """Fail closed before changing anything when a layer is known to be missing."""
+    others = _other_threads()
+    if others:
+        raise ConfinementUnavailable("threads", _threads_problem(others))
     if seccomp_error:
         raise ConfinementUnavailable("seccomp", seccomp_error)
     try:
@@ -335,8 +364,8 @@ def _wipe_initial_environment(kept: set[str]) -> None:
 # --------------------------------------------------------------------- OS layers
 
 
-def _apply_rlimits() -> str:
-    applied = []
+def _apply_rlimits(task_owner: int) -> str:
+    applied = [_limit_tasks(task_owner)]
     for name, soft_cap in (("RLIMIT_CORE", 0), ("RLIMIT_NOFILE", MAX_OPEN_FILES), ("RLIMIT_FSIZE", MAX_FILE_SIZE)):
         limit = getattr(resource, name)
         soft, hard = resource.getrlimit(limit)
@@ -348,6 +377,38 @@ def _apply_rlimits() -> str:
             raise _Unavailable(f"setrlimit({name}) failed: {error}") from None
         applied.append(f"{name[7:].lower()}={new_hard}")
     return "hard limits " + ", ".join(applied) + " (no RLIMIT_AS: CUDA maps large address ranges)"
+
+
+def _limit_tasks(owner: int) -> str:
+    """RLIMIT_NPROC: the kernel counts every task of the real uid ``owner`` (the user the
+    worker runs as from the next layer on), so the bound is what that user has now plus
+    :data:`MAX_TASKS`. Not enforced while the process is still root."""
+    existing = _tasks_of(owner)
+    bound = existing + MAX_TASKS
+    _, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    if hard != resource.RLIM_INFINITY:
+        bound = min(bound, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NPROC, (bound, bound))
+    except (OSError, ValueError) as error:
+        raise _Unavailable(f"setrlimit(RLIMIT_NPROC) failed: {error}") from None
+    return f"nproc={bound} (uid {owner} had {existing} tasks, this worker may add {bound - existing})"
+
+
+def _tasks_of(uid: int) -> int:
+    """How many tasks (threads) of processes whose real uid is ``uid`` exist now."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as status:
+                fields = dict(line.split(":", 1) for line in status if ":" in line)
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields["Uid"].split()[0]) == uid:
+            count += int(fields["Threads"])
+    return count
 
 
 class _CapHeader(ctypes.Structure):
@@ -366,38 +427,109 @@ def _effective_capabilities() -> int:
     return 0
 
 
-def _drop_capabilities() -> str:
+def _drop_privileges(uid: int, gid: int, scratch: Path) -> str:
     held = _effective_capabilities()
-    if held:
-        last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
-        # The bounding set first: dropping from it needs CAP_SETPCAP, which goes next.
-        for capability in range(last_cap + 1):
-            if _libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
-                raise _Unavailable(
-                    f"dropping capability {capability} from the bounding set: "
-                    f"{os.strerror(ctypes.get_errno())}"
-                )
-        _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-        header = _CapHeader(_CAPABILITY_VERSION_3, 0)
-        if _libc.capset(ctypes.byref(header), (_CapData * 2)()) != 0:
-            raise _Unavailable(f"capset: {os.strerror(ctypes.get_errno())}")
-        if _effective_capabilities() != 0:
-            raise _Unavailable("capabilities remain in effect after capset")
-        return (
-            f"dropped all capabilities (held {held:#x}); bounding and ambient sets cleared"
-            f"{_earlier_threads_note()}"
-        )
-    return "none held (the worker does not run as root)"
-
-
-def _earlier_threads_note() -> str:
-    """Landlock (before ABI 8) and capabilities apply per thread: say which threads they miss."""
-    others = len(os.listdir(f"/proc/{os.getpid()}/task")) - 1
-    if not others:
-        return ""
+    if os.geteuid() != 0:
+        if not held:
+            return f"none held; runs as uid {os.getuid()} (not root: no identity change)"
+        _limit_capabilities(0)
+        return f"dropped all capabilities (held {held:#x}); bounding and ambient sets cleared"
+    os.chown(scratch, uid, gid)
+    death_signal = ctypes.c_int(0)
+    _libc.prctl(_PR_GET_PDEATHSIG, ctypes.byref(death_signal), 0, 0, 0)
+    keep = 1 << _CAP_DAC_READ_SEARCH
+    _drop_bounding_set(keep)  # needs CAP_SETPCAP: before the uid change
+    # KEEPCAPS: the permitted set survives the uid change (the effective one is cleared).
+    _libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0)
+    try:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)  # glibc applies it to every thread
+    except OSError as error:
+        raise _Unavailable(f"changing to uid {uid}, gid {gid}: {error}") from None
+    _libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0)
+    _limit_capabilities(keep)
+    # The kernel clears the parent-death signal when the uid changes: whoever armed it
+    # (the runner, to die with its supervisor) still needs it.
+    if death_signal.value:
+        _libc.prctl(_PR_SET_PDEATHSIG, death_signal.value, 0, 0, 0)
+    if os.getresuid() != (uid,) * 3 or os.getresgid() != (gid,) * 3 or os.getgroups():
+        raise _Unavailable(f"uid/gid are {os.getresuid()}/{os.getresgid()} after changing to {uid}/{gid}")
     return (
-        f"; not applied to the {others} thread(s) started before enter() (this layer covers the "
-        f"calling thread and the threads it starts; run user code there)"
+        f"root became uid {uid}, gid {gid}, no supplementary groups (scratch handed to them)"
+        f"; capabilities: only CAP_DAC_READ_SEARCH kept (read-only DAC bypass, as the interpreter "
+        f"may live under a mode-700 /root, on the paths Landlock grants), held {held:#x} before"
+        f"; bounding and ambient sets cleared{'; parent-death signal re-armed' if death_signal.value else ''}"
+    )
+
+
+def _drop_bounding_set(keep: int) -> None:
+    last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for capability in range(last_cap + 1):
+        if not keep & (1 << capability) and _libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise _Unavailable(
+                f"dropping capability {capability} from the bounding set: {os.strerror(ctypes.get_errno())}"
+            )
+    _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+
+
+def _limit_capabilities(keep: int) -> None:
+    """Effective and permitted sets become ``keep`` (a mask below 32), inheritable empty."""
+    if not keep:
+        _drop_bounding_set(0)
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = keep
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        raise _Unavailable(f"capset: {os.strerror(ctypes.get_errno())}")
+    if _effective_capabilities() != keep:
+        raise _Unavailable(f"capabilities {_effective_capabilities():#x} in effect after capset to {keep:#x}")
+
+
+def _other_threads() -> list[str]:
+    """Every task of this process but the caller, as ``tid (comm[, Python thread name])``."""
+    own = threading.get_native_id()
+    python_names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    others = []
+    for entry in sorted(os.listdir(f"/proc/{os.getpid()}/task"), key=int):
+        tid = int(entry)
+        if tid == own:
+            continue
+        try:
+            comm = Path(f"/proc/{os.getpid()}/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue  # it ended meanwhile
+        name = f", Python thread {python_names[tid]!r}" if tid in python_names else ""
+        others.append(f"{tid} ({comm!r}{name})")
+    return others
+
+
+def _threads_problem(others: list[str]) -> str:
+    return (
+        f"{len(others)} thread(s) besides the caller exist at enter(): {', '.join(others)}; Landlock, "
+        f"capabilities and no-new-privs would not apply to them and user code could hijack them. "
+        f"Start them after enter() (they then inherit every layer) or stop them before"
+    )
+
+
+def _verify_tasks(earlier: list[str]) -> str:
+    """Check every task's status (Landlock is not shown per task: it holds for all
+    because none but the caller existed at enter(), and threads inherit it)."""
+    if earlier:
+        raise _Unavailable(_threads_problem(earlier))
+    expected = None
+    tasks = sorted(os.listdir(f"/proc/{os.getpid()}/task"), key=int)
+    for tid in tasks:
+        with open(f"/proc/{os.getpid()}/task/{tid}/status", encoding="ascii") as status:
+            fields = dict(line.rstrip("\n").split(":\t", 1) for line in status if ":\t" in line)
+        state = (fields["Seccomp"], fields["NoNewPrivs"], fields["CapEff"], fields["Uid"], fields["Gid"])
+        expected = expected or state
+        if state[:2] != ("2", "1") or state != expected:
+            raise _Unavailable(f"task {tid} is not confined like the others: Seccomp, NoNewPrivs, CapEff, "
+                               f"Uid, Gid = {state}")
+    return (
+        f"{len(tasks)} task(s), the caller alone at enter(); each: seccomp filter, no_new_privs, "
+        f"CapEff {expected[2]}, uid {expected[3].split()[0]}; later threads inherit every layer"
     )
 
 
@@ -459,7 +591,6 @@ def _apply_landlock(ruleset: landlock.Ruleset) -> str:
         f"ABI {applied.abi}: {len(applied.granted)} paths granted; writable: {', '.join(writable)}"
         f"; TCP bind/connect {'denied' if applied.network else 'not handled (ABI < 4)'}"
         f"; abstract Unix sockets and signals {'scoped to the sandbox' if applied.scoped else 'not scoped (ABI < 6)'}"
-        f"{_earlier_threads_note()}"
     )
 
 
@@ -482,4 +613,4 @@ def _apply_seccomp(plan: Any, error: str) -> str:
     if seccomp_filter.active_mode() != 2:
         raise _Unavailable("the kernel does not report a seccomp filter after loading it")
     unknown = f"; unknown to libseccomp here: {', '.join(plan.unknown)}" if plan.unknown else ""
-    return "filter loaded on all threads; " + "; ".join(plan.rules) + unknown
+    return "filter loaded on all threads (TSYNC); " + "; ".join(plan.rules) + unknown

@@ -69,6 +69,7 @@ _CLONE_NAMESPACES = (
 _SOCKET_TYPE_MASK = 0xF  # the type bits, without SOCK_NONBLOCK / SOCK_CLOEXEC
 _TIOCSTI = 0x5412
 _TIOCLINUX = 0x541C
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -133,6 +134,11 @@ def build(own_pid: int) -> FilterPlan:
     for request in (_TIOCSTI, _TIOCLINUX):
         syscall_filter.add_rule(eperm, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
     plan_rules.append("EPERM ioctl TIOCSTI/TIOCLINUX (other ioctls, e.g. on /dev/nvidia*, allowed)")
+
+    # The parent-death signal armed before enter() (the runner's worker dies with its
+    # supervisor) stays: user code cannot clear or change it.
+    syscall_filter.add_rule(eperm, "prctl", sc.Arg(0, sc.EQ, _PR_SET_PDEATHSIG))
+    plan_rules.append("EPERM prctl(PR_SET_PDEATHSIG): the parent-death signal cannot be changed")
 
     # Raising limits back: prlimit64 with a new limit; reading stays allowed.
     syscall_filter.add_rule(eperm, "prlimit64", sc.Arg(2, sc.NE, 0))

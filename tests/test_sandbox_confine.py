@@ -366,5 +366,5 @@ def test_report_round_trips_through_plain_data():
     again = sandbox.Report.from_dict(json.loads(json.dumps(report.as_dict())))
     assert again == report
     assert not again.confined and again.active("python") and not again.active("seccomp")
-    assert "missing: rlimits, capabilities, no_new_privs, landlock, seccomp" in str(again)
+    assert "missing: rlimits, capabilities, no_new_privs, landlock, seccomp, threads" in str(again)
 
