@@ -334,6 +334,7 @@ class Worker:
                     self._settle(message, entry)
                 finally:
                     message.close()
+                    entry = None  # its future holds the result: no longer than the caller does
         except (ProtocolError, OSError) as exc:
             self._connection_lost(exc)
 

@@ -19,7 +19,6 @@ import torch
 
 import runner
 from runner_support import raw_client
-from runner import shm
 from runner.protocol import GREETING_MAGIC, MESSAGE_MAGIC, PROTOCOL_VERSION
 
 POLICY = "nnsight-local"
@@ -29,7 +28,21 @@ POLICY = "nnsight-local"
 def worker():
     with runner.Worker(model="none", policy=POLICY) as worker:
         yield worker
-    assert shm.owned_by(worker.info["worker_pid"]) == []
+
+
+def memfd_mappings(pid):
+    with open(f"/proc/{pid}/maps") as maps:
+        return [line for line in maps if "/memfd:sourcebox" in line]
+
+
+def memfd_descriptors(pid):
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return [link for link in links if link.startswith("/memfd:sourcebox")]
 
 
 @pytest.fixture(scope="module")
@@ -112,20 +125,21 @@ def test_tensors_round_trip_exactly(worker, elements):
     assert torch.equal(worker.call(inplace_add_one, tensor.clone()), tensor + 1)
 
 
-def test_large_results_are_views_of_the_workers_segment_until_dropped(worker):
-    worker_pid = worker.info["worker_pid"]
+def test_large_results_are_private_copy_on_write_mappings_held_by_the_client_alone(worker):
+    status = worker.status()
+    ours = len(memfd_mappings(os.getpid()))
     result = worker.call(filled, 1 << 20, 0)
     assert torch.count_nonzero(result) == 0
-    before = shm.owned_by(worker_pid)
-    assert before, "a 4 MiB result travels through the worker's shared memory"
-    # While we hold the result its segment is ours; later large results use another.
+    mapped = [line for line in memfd_mappings(os.getpid()) if "sourcebox-result" in line]
+    assert len(memfd_mappings(os.getpid())) == ours + 1 and len(mapped) == 1 and " rw-p " in mapped[0]
+    # The worker and the server let go of it once it was sent.
+    for pid in (status["worker_pid"], status["server_pid"]):
+        assert memfd_mappings(pid) == [] and memfd_descriptors(pid) == []
+    result += 2  # ours to change: copy-on-write pages, nobody else sees them
     second = worker.call(filled, 1 << 20, 1)
-    assert torch.count_nonzero(result) == 0 and torch.all(second == 1)
+    assert torch.all(result == 2) and torch.all(second == 1)
     del result, second
-    # Both segments went back, so repeated calls reuse them instead of growing the pool.
-    for _ in range(5):
-        worker.call(filled, 1 << 20, 1)
-    assert len(shm.owned_by(worker_pid)) <= len(before) + 1
+    assert len(memfd_mappings(os.getpid())) == ours  # unmapped with the last view
 
 
 def test_user_module_travels_as_source_and_errors_point_at_its_lines(worker, userlib):
@@ -217,7 +231,8 @@ def test_status_and_stop_from_the_command_line(tmp_path):
         assert stopped.returncode == 0, stopped.stderr
         assert server.wait(timeout=30) == 0
         assert not os.path.exists(socket_path)
-        assert shm.owned_by(status["worker_pid"]) == [] and shm.owned_by(server.pid) == []
+        assert not [name for name in os.listdir("/dev/shm")
+                    if {str(status["worker_pid"]), str(server.pid)} & set(name.split("-"))]
     finally:
         if server.poll() is None:
             server.kill()
@@ -242,7 +257,7 @@ def test_malformed_header_fails_that_request_only(worker):
     ({"kind": "call"}, [b"\x93\x01\x02\x03"], "not a sourcebox bundle"),
     ({"kind": 3}, [b""], "must be a string"),
     ({"kind": "call", "timeout": -1}, [b""], "positive number"),
-    ({"kind": "call"}, [runner.protocol.SharedRef("sbx-1-0000abcd-1", 0, 8)], "not this client's"),
+    ({"kind": "call"}, [runner.protocol.SharedRef(0, 0, 8)], "file descriptor(s) but its frames use [0]"),
 ])
 def test_hostile_requests_are_refused_with_a_clear_error(worker, meta, frames, message):
     conn = raw_client(worker, timeout=10)
@@ -250,6 +265,19 @@ def test_hostile_requests_are_refused_with_a_clear_error(worker, meta, frames, m
     reply = conn.recv()
     assert reply.kind == "error" and reply.id == 9
     assert message in reply.meta["error"]["message"]
+    conn.close()
+    assert worker.call(add, 2, b=2) == 4
+
+
+def test_a_request_memfd_that_could_shrink_under_the_worker_is_refused(worker):
+    fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)  # no seals: shrinking it would SIGBUS the worker
+    os.ftruncate(fd, 4096)
+    conn = raw_client(worker, timeout=10)
+    conn.send("request", 9, {"kind": "call"}, [b"\x93", runner.protocol.SharedRef(0, 0, 8)], [fd])
+    os.close(fd)
+    reply = conn.recv()
+    assert reply.kind == "error" and "file descriptor 0 of the request lacks the seals it must carry" in \
+        reply.meta["error"]["message"]
     conn.close()
     assert worker.call(add, 2, b=2) == 4
 
