@@ -209,6 +209,12 @@ def _map(fd: int, size: int, flags: int) -> tuple[ctypes.Array, int]:
     return holder, address
 
 
+def check_request_fd(fd: int, what: str) -> int:
+    """The size of a memfd a client passed for a request; ``ValueError`` for anything else
+    (the supervisor lets no other kind of descriptor, a socket say, into the sandbox)."""
+    return _checked_size(fd, REQUEST_SEALS, what)
+
+
 def _checked_size(fd: int, required_seals: int, what: str) -> int:
     """The size of a received memfd, after checking it is one and carries the seals its
     use needs; ``ValueError`` naming what is wrong otherwise."""
@@ -253,7 +259,7 @@ class RequestMemory:
         holders = {}
         try:
             for index in sorted({ref.fd for ref in refs}):
-                size = _checked_size(fds[index], REQUEST_SEALS, f"file descriptor {index} of the request")
+                size = check_request_fd(fds[index], f"file descriptor {index} of the request")
                 # Populated in one call: faulting 64 MiB in page by page costs more than the copy.
                 holder, address = _map(fds[index], size, mmap.MAP_SHARED | mmap.MAP_POPULATE)
                 holders[index] = holder, size

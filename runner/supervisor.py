@@ -483,6 +483,12 @@ class Supervisor:
 
     def _enqueue(self, client: ClientSession, message: Message) -> None:
         problem = _request_problem(message.meta)
+        if problem is None:
+            try:
+                for index, fd in enumerate(message.fds):
+                    shm.check_request_fd(fd, f"file descriptor {index}")
+            except ValueError as exc:
+                problem = str(exc)
         if problem is not None:
             message.close()
             client.conn.send("error", message.id, {"error": failure(errors.RUNNER, f"bad request: {problem}")})

@@ -269,15 +269,19 @@ def test_hostile_requests_are_refused_with_a_clear_error(worker, meta, frames, m
     assert worker.call(add, 2, b=2) == 4
 
 
-def test_a_request_memfd_that_could_shrink_under_the_worker_is_refused(worker):
-    fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)  # no seals: shrinking it would SIGBUS the worker
-    os.ftruncate(fd, 4096)
+def test_only_memfds_sealed_against_shrinking_reach_the_worker(worker):
+    unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC)  # shrinking it would SIGBUS the worker
+    os.ftruncate(unsealed, 4096)
+    left, right = socket.socketpair()  # a socket would give user code a channel out of the sandbox
     conn = raw_client(worker, timeout=10)
-    conn.send("request", 9, {"kind": "call"}, [b"\x93", runner.protocol.SharedRef(0, 0, 8)], [fd])
-    os.close(fd)
-    reply = conn.recv()
-    assert reply.kind == "error" and "file descriptor 0 of the request lacks the seals it must carry" in \
-        reply.meta["error"]["message"]
+    for fd, why in ((unsealed, "file descriptor 0 lacks the seals it must carry"),
+                    (left.fileno(), "file descriptor 0 is not a sealable memfd")):
+        conn.send("request", 9, {"kind": "call"}, [b"\x93", runner.protocol.SharedRef(0, 0, 8)], [fd])
+        reply = conn.recv()
+        assert reply.kind == "error" and "bad request: " + why in reply.meta["error"]["message"]
+    os.close(unsealed)
+    left.close()
+    right.close()
     conn.close()
     assert worker.call(add, 2, b=2) == 4
 
