@@ -132,10 +132,9 @@ class BufferPool:
 
     def release(self, buffer: Buffer) -> None:
         with self._lock:
-            self._leased.discard(buffer)
             if self._closed:
-                buffer.close()
-                return
+                return  # closed with the pool
+            self._leased.discard(buffer)
             self._idle.append(buffer)
             while sum(b.size for b in self._idle) > self.max_idle_bytes:
                 largest = max(self._idle, key=lambda b: b.size)
@@ -148,12 +147,14 @@ class BufferPool:
                     "bytes": sum(b.size for b in (*self._idle, *self._leased))}
 
     def close(self) -> None:
-        """Free every idle buffer; leased ones are freed when they come back."""
+        """Free every buffer, leased ones too: requests still out when the connection
+        closes get no reply (the worker holds its own descriptor for one it still reads)."""
         with self._lock:
             self._closed = True
-            for buffer in self._idle:
+            for buffer in (*self._idle, *self._leased):
                 buffer.close()
             self._idle.clear()
+            self._leased.clear()
 
 
 class SealedBuffer:
