@@ -281,7 +281,7 @@ class Worker:
                 raise WorkerCrashed(f"lost the connection to the worker server at {self.socket_path}: {exc}") from None
             raise
         if lease is not None:
-            # The reply may already have been read: then the segment is free right away.
+            # The reply may already have been read: then the buffer is free right away.
             with self._lock:
                 answered = entry.answered
                 entry.lease = None if answered else lease
