@@ -125,6 +125,13 @@ def test_tensors_round_trip_exactly(worker, elements):
     assert torch.equal(worker.call(inplace_add_one, tensor.clone()), tensor + 1)
 
 
+@pytest.mark.parametrize("mib", [64, 256])
+def test_large_tensors_round_trip_exactly_through_memfds(worker, mib):
+    tensor = torch.empty((mib << 20) // 4).uniform_(generator=torch.Generator().manual_seed(mib))
+    back = worker.call(identity, tensor)
+    assert torch.equal(back, tensor) and back.data_ptr() != tensor.data_ptr()
+
+
 def test_large_results_are_private_copy_on_write_mappings_held_by_the_client_alone(worker):
     status = worker.status()
     ours = memfd_mappings(os.getpid())
