@@ -48,7 +48,6 @@ _libc.mremap.restype = ctypes.c_void_p
 _libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
-_MADV_POPULATE_READ = 22
 
 
 def aligned(n: int) -> int:
@@ -261,8 +260,7 @@ class RequestMemory:
         try:
             for index in sorted({ref.fd for ref in refs}):
                 size = check_request_fd(fds[index], f"file descriptor {index} of the request")
-                # Populated in one call: faulting 64 MiB in page by page costs more than the copy.
-                holder, address = _map(fds[index], size, mmap.MAP_SHARED | mmap.MAP_POPULATE)
+                holder, address = _map(fds[index], size, mmap.MAP_SHARED)
                 holders[index] = holder, size
                 self._mapped.append((weakref.ref(holder), address, size))
             return _views(refs, holders)
@@ -305,10 +303,7 @@ def map_result(refs: list, fds: list[int]) -> list:
     try:
         for index in sorted({ref.fd for ref in refs}):
             size = _checked_size(fds[index], required, f"file descriptor {index} of the reply")
-            holder, address = _map(fds[index], size, mmap.MAP_PRIVATE)
-            # Read faults for the whole range in one call (Linux 5.14+; best effort).
-            _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), _MADV_POPULATE_READ)
-            holders[index] = holder, size
+            holders[index] = _map(fds[index], size, mmap.MAP_PRIVATE)[0], size
         return _views(refs, holders)
     finally:
         for fd in fds:
