@@ -174,6 +174,14 @@ def _worker(results: dict) -> list[str]:
             for entry in worker["tensors"]]
     lines += _table(["tensor", "worker", "worker GB/s", "pipe (pickle)", "pipe GB/s", "memcpy GB/s",
                      "worker faster than pipe", "worker / memcpy"], rows)
+    if "result_delivery" in worker:  # runs before protocol 3 did not measure it
+        lines += ["### Handing back a result the worker cannot change afterwards", "",
+                  "From the worker holding the frame to the client holding memory it may use (in one process, "
+                  "no sockets). The runner seals.", ""]
+        rows = [[bytes_text(entry["result_bytes"]), stats_text(entry["times"][transport.SEAL]),
+                 stats_text(entry["times"][transport.COPY]), ratio_stats_text(entry["ratio_seal_to_copy"])]
+                for entry in worker["result_delivery"]]
+        lines += _table(["result", transport.SEAL, transport.COPY, "seal / copy"], rows)
     memory = worker["memory"]
     lines += ["### Peak memory (resident set)", "",
               f"Client {bytes_text(memory['client_peak_rss'])}, worker {bytes_text(memory['worker_peak_rss'])}, "

@@ -28,6 +28,10 @@ WORKER = "sourcebox worker"
 PIPE = "cloudpickle over a Pipe"
 PING = "worker.ping (transport only)"
 ENCODE = "capture.encode_variables of the call"
+SEAL = "seal: fresh memfd, sealed, mapped copy-on-write"
+COPY = "copy: pooled memfd, copied out by the client"
+# The result sizes at which the two ways of handing back results are compared.
+RESULT_DELIVERY_SIZES = (1 << 20, 64 << 20)
 
 
 def serve_pipe(connection: Any) -> None:
@@ -121,7 +125,9 @@ def run(user: UserCode, settings: Settings, progress: Progress,
                   "calls": [_scenario_call(worker, pipe, user, settings, progress, title, build())
                             for title, build in call_scenarios],
                   "tensors": [_tensor_round_trip(worker, pipe, user, settings, progress, nbytes)
-                              for nbytes in sorted(settings.transport_repeats)]}
+                              for nbytes in sorted(settings.transport_repeats)],
+                  "result_delivery": [_result_delivery(settings, progress, nbytes)
+                                      for nbytes in RESULT_DELIVERY_SIZES]}
         worker_pid = worker.status()["worker_pid"]
         record["memory"] = {
             "method": "VmHWM from /proc (peak resident set)"
@@ -210,3 +216,56 @@ def _tensor_round_trip(worker: Any, pipe: PipeWorker, user: UserCode, settings: 
             "ratio_to_pipe": paired_ratios(samples[WORKER], samples[PIPE]),
             "ratio_to_memcpy": paired_ratios(samples[WORKER], samples[memcpy])}
 
+
+
+def _result_delivery(settings: Settings, progress: Progress, nbytes: int) -> dict:
+    """The two ways a result can reach the client so that the worker cannot change it
+    afterwards, from the worker holding the frame to the client holding memory it may use:
+
+    - seal (what the runner does): the worker writes a fresh memfd, seals it read-only and
+      passes it; the client maps it copy-on-write (zero-copy, writable, unchangeable);
+    - copy: the worker writes a pooled, reused memfd; the client maps it, copies the frame
+      into memory of its own and lets go (the pool's pages are already faulted in).
+
+    Both run in this process, without the sockets (the same for both).
+    """
+    import numpy
+
+    from runner import shm
+    from runner.protocol import SharedRef
+
+    progress(f"worker: result delivery, seal vs copy, {nbytes // MIB} MiB")
+    frame = memoryview(numpy.random.default_rng(7).integers(0, 255, nbytes, dtype=numpy.uint8)).cast("B")
+    writer, pool = shm.SealedWriter(), shm.BufferPool()
+    ref = [SharedRef(0, 0, nbytes)]
+
+    def seal() -> memoryview:
+        buffer = writer.lease(nbytes)
+        buffer.put(frame)
+        buffer.finish()
+        try:
+            return shm.map_result(ref, [os.dup(buffer.fd)])[0]
+        finally:
+            writer.release(buffer)
+
+    def copy() -> memoryview:
+        buffer = pool.lease(nbytes)
+        buffer.put(frame)
+        memory = shm.RequestMemory()  # a plain shared mapping of a received memfd
+        view = memory.views(ref, [os.dup(buffer.fd)])[0]
+        try:
+            return memoryview(bytearray(view))
+        finally:
+            del view
+            memory.release()
+            pool.release(buffer)
+
+    for name, deliver in ((SEAL, seal), (COPY, copy)):
+        if deliver() != frame:
+            raise WrongResult(f"{name} delivered different bytes for a {nbytes // MIB} MiB result")
+    try:
+        samples = interleaved({SEAL: seal, COPY: copy}, repeats=settings.transport_repeats.get(nbytes, 5), warmup=2)
+    finally:
+        pool.close()
+    return {"result_bytes": nbytes, "times": {name: summarize(values) for name, values in samples.items()},
+            "ratio_seal_to_copy": paired_ratios(samples[SEAL], samples[COPY])}

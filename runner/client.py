@@ -11,10 +11,8 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
-import ctypes
 import itertools
 import os
-import queue
 import shutil
 import socket as socket_module
 import subprocess
@@ -33,14 +31,12 @@ import sandbox
 from . import errors, shm
 from .errors import ProtocolError, WorkerCrashed, WorkerStartError, describe_exit, rebuild
 from .handlers import MODEL, MODEL_TOKEN
-from .protocol import DEFAULT_SHM_THRESHOLD, Connection
+from .protocol import DEFAULT_SHM_THRESHOLD, Connection, SharedRef
 from .cli import DEFAULT_POLICY
 from .supervisor import PACKAGE_ROOT
 
 _OUTPUT_TAIL_LINES = 30
 _HANDSHAKE_SECONDS = 30.0
-# How long a dead server's worker may take to follow it before the client sweeps.
-_WORKER_EXIT_SECONDS = 5.0
 
 
 def _model_token(obj: Any) -> str | None:
@@ -96,7 +92,7 @@ class _Pending:
     encode: Callable[[Container[str]], capture.Bundle] | None = None
     source_digests: tuple = ()         # every source segment the request names
     resent: bool = False               # sent again with all its text after a miss
-    lease: str | None = None           # our segment holding its large frames
+    lease: shm.Buffer | None = None    # our memfd holding its large frames
     answered: bool = False             # its reply (or error, or miss) has been read
     raw_reply: bool = False            # run_bytes: hand back the outcome bytes
 
@@ -199,17 +195,16 @@ class Worker:
         sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
         sock.connect(self.socket_path)
         sock.settimeout(_HANDSHAKE_SECONDS)  # something listening there may not be a runner
-        self._pool = shm.SegmentPool()
-        self._segments = shm.SegmentMap(max_mapped=4)
-        self._conn = Connection(sock, pool=self._pool, segments=self._segments, shm_threshold=self.shm_threshold)
+        self._pool = shm.BufferPool()
+        self._conn = Connection(sock, pool=self._pool, shm_threshold=self.shm_threshold)
         self._conn.greet(peer=f"the worker server at {self.socket_path}")
-        self._conn.send("hello", 0, {"token": self._pool.token})
+        self._conn.send("hello", 0)
         welcome = self._conn.recv()
+        welcome.close()
         if welcome.kind != "welcome":
             raise ProtocolError(f"expected a welcome from {self.socket_path}, got {welcome.kind!r}")
         self.server_pid = welcome.meta["server_pid"]
         sock.settimeout(None)
-        self._leases = _ResultLeases(self._conn)
         self._reader = threading.Thread(target=self._read_replies, daemon=True, name="worker-replies")
         self._reader.start()
 
@@ -281,9 +276,8 @@ class Worker:
 
     def _transmit(self, request_id: int, entry: _Pending) -> None:
         frames = entry.frames
-        meta = dict(entry.meta, dropped=self._pool.dropped())
         try:
-            lease = self._conn.send("request", request_id, meta, frames)
+            lease = self._conn.send("request", request_id, entry.meta, frames)
         except BaseException as exc:
             with self._lock:
                 self._pending.pop(request_id, None)
@@ -291,12 +285,12 @@ class Worker:
                 raise WorkerCrashed(f"lost the connection to the worker server at {self.socket_path}: {exc}") from None
             raise
         if lease is not None:
-            # The reply may already have been read: then the segment is free right away.
+            # The reply may already have been read: then the buffer is free right away.
             with self._lock:
                 answered = entry.answered
-                entry.lease = None if answered else lease.name
+                entry.lease = None if answered else lease
             if answered:
-                self._pool.release(lease.name)
+                self._pool.release(lease)
         with self._lock:
             self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
 
@@ -336,11 +330,15 @@ class Worker:
                 message = self._conn.recv()
                 with self._lock:
                     entry = self._pending.pop(message.id, None)
-                if entry is None:
-                    if message.kind == "error":  # about the connection itself
-                        self._lost = rebuild(message.meta["error"]).args[0]
-                    continue
-                self._settle(message, entry)
+                try:
+                    if entry is None:
+                        if message.kind == "error":  # about the connection itself
+                            self._lost = rebuild(message.meta["error"]).args[0]
+                        continue
+                    self._settle(message, entry)
+                finally:
+                    message.close()
+                    entry = None  # its future holds the result: no longer than the caller does
         except (ProtocolError, OSError) as exc:
             self._connection_lost(exc)
 
@@ -358,15 +356,12 @@ class Worker:
             return
         if kind == "reply":
             self._known.update(entry.source_digests)  # decoded there: its store has them now
-            self._segments.forget(message.meta.get("dropped", ()))
             try:
                 result = self._decode(message, entry)
             except BaseException as exc:
                 future.set_exception(exc)
             else:
                 future.set_result(result)
-            if entry.raw_reply and message.segments:  # copied out: the worker may reuse it
-                self._leases.release(sorted(set(message.segments.values())))
         elif kind == "error":
             info = message.meta.get("error", {})
             if entry.raw_reply:
@@ -377,13 +372,14 @@ class Worker:
             future.set_result(message.meta)
 
     def _decode(self, message, entry: _Pending) -> Any:
+        # Inline frames borrow the receive buffer: they get a private copy. Frames in
+        # memfds become the result's memory without a copy: sealed by the worker, mapped
+        # copy-on-write here, and unmapped when nothing views them any more.
+        shared = iter(shm.map_result(message.shared(), message.fds))
+        views = [next(shared) if isinstance(frame, SharedRef) else memoryview(bytearray(frame))
+                 for frame in message.frames]
         if entry.raw_reply:
-            return msgpack.packb({"result": bytes(message.frames[0])}, use_bin_type=True)
-        # Inline frames borrow the receive buffer: they get a private copy. Shared frames
-        # become the result's memory without a copy; the worker's segment stays lent to
-        # us until nothing views it any more.
-        views = [self._leases.lend(frame, message.segments[index]) if index in message.segments
-                 else memoryview(bytearray(frame)) for index, frame in enumerate(message.frames)]
+            return msgpack.packb({"result": bytes(views[0])}, use_bin_type=True)
         return capture.decode(views[0], views[1:], policy=capture.DATA_ONLY, persistent_load=_model_placeholder,
                               label="result")
 
@@ -445,17 +441,6 @@ class Worker:
             entry.future.set_exception(
                 errors.WorkerStopped("the Worker was closed before this request finished") if self._closed
                 else WorkerCrashed(reason, returncode, "".join(self._server_output).rstrip()))
-        if not self._closed or pending:
-            # The server is gone: whatever it and its worker left in /dev/shm is ours to
-            # remove. Its worker dies with it (PDEATHSIG), but only a moment later: until
-            # then its segments still look owned, so wait for it first.
-            server_pid = getattr(self, "server_pid", None)
-            worker_pid = getattr(self, "info", {}).get("worker_pid")
-            if server_pid is not None and worker_pid is not None and not shm.alive(server_pid):
-                deadline = time.monotonic() + _WORKER_EXIT_SECONDS
-                while shm.alive(worker_pid) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-            shm.sweep_orphans()
 
     # -- lifetime ----------------------------------------------------------------------
     def close(self) -> None:
@@ -471,8 +456,6 @@ class Worker:
                 self._server.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        if hasattr(self, "_leases"):
-            self._leases.stop()
         if conn is not None:
             conn.close()
         # No thread of ours may outlive close(): one still alive while the interpreter
@@ -481,8 +464,6 @@ class Worker:
         reader = getattr(self, "_reader", None)
         if reader is not None and reader is not threading.current_thread():
             reader.join(timeout=10)
-        if hasattr(self, "_leases"):
-            self._leases.join()
         if self._server is not None:
             if self._server.poll() is None:
                 self._server.kill()
@@ -491,7 +472,6 @@ class Worker:
             self._server.stderr.close()
         if hasattr(self, "_pool"):
             self._pool.close()
-            self._segments.close()
         with self._lock:
             pending, self._pending = list(self._pending.values()), {}
         for entry in pending:
@@ -509,57 +489,8 @@ class Worker:
         return f"<runner.Worker {self.socket_path} server pid {getattr(self, 'server_pid', '?')}>"
 
 
-class _ResultLeases:
-    """Worker segments that results still view, each sent back once nothing does.
-
-    ``lend`` wraps a shared frame in a ctypes array whose death (the last tensor, array
-    or view over it gone) is observed by ``weakref.finalize``. Finalizers run wherever
-    the last reference drops, even inside our own locked sections, so they only put an
-    event on a ``SimpleQueue`` (safe there); this object's thread does the counting and
-    the sending.
-    """
-
-    def __init__(self, conn: Connection):
-        self._conn = conn
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
-        self._lent: dict[str, int] = {}
-        self._thread = threading.Thread(target=self._run, daemon=True, name="result-leases")
-        self._thread.start()
-
-    def lend(self, frame: memoryview, segment: str) -> memoryview:
-        holder = (ctypes.c_char * frame.nbytes).from_buffer(frame)
-        self._events.put(("lend", segment))
-        weakref.finalize(holder, self._events.put, ("back", segment)).atexit = False
-        return memoryview(holder).cast("B")
-
-    def release(self, names: list[str]) -> None:
-        self._conn.send("release", 0, {"names": names})
-
-    def stop(self) -> None:
-        self._events.put(("stop", ""))
-
-    def join(self) -> None:
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while True:
-            event, segment = self._events.get()
-            if event == "stop":
-                return
-            count = self._lent.get(segment, 0) + (1 if event == "lend" else -1)
-            if count:
-                self._lent[segment] = count
-                continue
-            del self._lent[segment]
-            try:
-                self.release([segment])
-            except OSError:
-                return  # the server is gone, and its segments with it
-
-
-# Workers still open at interpreter exit are closed then, so their segments (and any
-# server they started) do not outlive the process.
+# Workers still open at interpreter exit are closed then, so any server they started
+# does not outlive the process.
 _open_workers: "weakref.WeakSet[Worker]" = weakref.WeakSet()
 
 

@@ -12,7 +12,9 @@ A message carries a list of *frames* (raw buffers: a capture bundle's header and
 tensor frames). Each frame is described by one descriptor:
 
     [INLINE, length]                     bytes follow in the inline area
-    [SHARED, segment, offset, length]    bytes lie in a POSIX shared-memory segment
+    [SHARED, fd, offset, length]         bytes lie in a memfd passed with the message:
+                                         ``fd`` indexes the descriptors it carries
+                                         (``SCM_RIGHTS``, at most ``MAX_FDS``)
 
 Repeated code is not deduplicated here but inside the bundle: capture sends a source
 segment the worker already holds by its digest alone (docs/RUNNER.md, "Repeated code").
@@ -23,19 +25,22 @@ stay in step: such a message fails alone (``BadMessage``); only broken framing
 """
 from __future__ import annotations
 
+import array
+import os
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import msgpack
 
 from .errors import BadMessage, ProtocolError, ProtocolVersionError
-from .shm import Lease, SegmentMap, SegmentPool, aligned
+from .shm import aligned
 
 # 2: per-source-segment dedup (``miss`` lists source digests); no cached-frame descriptor.
-PROTOCOL_VERSION = 2
+# 3: large frames in memfds passed as descriptors (SCM_RIGHTS), not named segments.
+PROTOCOL_VERSION = 3
 GREETING_MAGIC = b"SBXRUN\r\n"
 _GREETING = struct.Struct("<8sI")
 MESSAGE_MAGIC = b"SBXM"
@@ -46,6 +51,9 @@ INLINE, SHARED = 0, 1
 MAX_HEADER_BYTES = 16 << 20
 MAX_INLINE_BYTES = 1 << 30
 MAX_FRAMES = 1 << 16
+# Descriptors one message may carry (a request or a reply uses one).
+MAX_FDS = 8
+_ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 # Frames at least this large travel through shared memory (docs/RUNNER.md, "Threshold").
 DEFAULT_SHM_THRESHOLD = 128 << 10
 # Inline areas above this get a one-off buffer instead of growing the reused one for good.
@@ -55,9 +63,9 @@ _IOV_BATCH = 512
 
 @dataclass(frozen=True)
 class SharedRef:
-    """A frame in a peer's shared-memory segment, passed along without being mapped."""
+    """A frame in a memfd the message carries: ``fd`` is the index in its descriptors."""
 
-    name: str
+    fd: int
     offset: int
     length: int
 
@@ -67,22 +75,40 @@ class Message:
     """One received message.
 
     Inline frames are read-only views of the connection's reused receive buffer: valid
-    until the next ``recv`` on that connection (``detach`` copies them out). Shared-memory
-    frames are writable views of the peer's segment (or ``SharedRef`` where the
-    connection maps nothing); ``segments`` maps frame index to the shared-memory segment
-    that frame lies in.
+    until the next ``recv`` on that connection (``detach`` copies them out). Frames in
+    memfds are ``SharedRef``s into ``fds``, the descriptors that came with the message:
+    the receiver owns them, maps them (``runner.shm``) or forwards them, and closes them
+    (``close``).
     """
 
     kind: str
     id: int
     meta: dict
     frames: list
-    segments: dict
+    fds: list = field(default_factory=list)
 
     def detach(self) -> "Message":
-        """A copy whose inline frames no longer borrow the receive buffer."""
+        """A copy whose inline frames no longer borrow the receive buffer (same descriptors)."""
         frames = [bytes(f) if isinstance(f, memoryview) and f.readonly else f for f in self.frames]
-        return Message(self.kind, self.id, self.meta, frames, dict(self.segments))
+        return Message(self.kind, self.id, self.meta, frames, self.fds)
+
+    def shared(self) -> list:
+        """The frames that lie in memfds."""
+        return [frame for frame in self.frames if isinstance(frame, SharedRef)]
+
+    def close(self) -> None:
+        """Close the descriptors that came with the message (idempotent)."""
+        _close_all(self.fds)
+
+
+@dataclass
+class Staged:
+    """A message's frames laid out for sending (``Connection.stage``)."""
+
+    descriptors: list
+    inline: list
+    fds: list
+    buffer: Any
 
 
 class ConnectionClosed(ProtocolError, EOFError):
@@ -101,26 +127,26 @@ def frame_view(frame: Any) -> memoryview:
 
 
 class Connection:
-    """Framed messages over a connected stream socket.
+    """Framed messages over a connected Unix stream socket.
 
-    ``pool``: this side's shared-memory pool; frames of at least ``shm_threshold`` bytes
-    are copied into a leased segment instead of being sent inline (no pool: everything
-    inline). ``segments``: where received shared-memory frames are mapped (no map: they
-    stay ``SharedRef``). ``send`` may be called from several threads; ``recv`` from one.
+    ``pool``: where this side puts large frames (``shm.BufferPool`` or
+    ``shm.SealedWriter``); frames of at least ``shm_threshold`` bytes are copied into a
+    leased memfd whose descriptor travels with the message (no pool: everything inline).
+    ``send`` may be called from several threads; ``recv`` from one.
     """
 
-    def __init__(self, sock: socket.socket, *, pool: SegmentPool | None = None,
-                 segments: SegmentMap | None = None, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
+    def __init__(self, sock: socket.socket, *, pool=None, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
                  max_inline_bytes: int = MAX_INLINE_BYTES):
         self.sock = sock
         self.pool = pool
-        self.segments = segments
         self.shm_threshold = shm_threshold
         self.max_inline_bytes = max_inline_bytes
         self._send_lock = threading.Lock()
         self._prefix = bytearray(_PREFIX.size)
         self._header = bytearray(4096)
         self._inline = bytearray(1 << 20)
+        self._fds_in: list[int] = []   # descriptors received with the message being read
+        self._truncated = False        # the kernel dropped some of them (MSG_CTRUNC)
 
     # -- greeting ---------------------------------------------------------------------
     def greet(self, *, peer: str) -> None:
@@ -146,59 +172,89 @@ class Connection:
 
     # -- sending ----------------------------------------------------------------------
     def send(self, kind: str, request_id: int = 0, meta: dict | None = None,
-             frames: Sequence[Any] = ()) -> Lease | None:
-        """Send one message; return the shared-memory lease its large frames went into.
+             frames: Sequence[Any] = (), fds: Sequence[int] = ()):
+        """Send one message; return the pool buffer its large frames went into.
 
-        The caller gives the lease back to ``pool.release`` once the peer is done with it
-        (for a request: when its reply arrives).
+        ``fds`` are descriptors to pass along, which ``SharedRef`` frames index (the
+        supervisor forwarding a message); they stay the caller's to close. The caller
+        gives the returned buffer back to ``pool.release`` once the peer is done with it
+        (a client: when the request's reply arrives; the worker: once it is sent).
         """
+        return self.send_staged(kind, request_id, meta, self.stage(frames, fds))
+
+    def stage(self, frames: Sequence[Any], fds: Sequence[int] = (), *, own: bool = False) -> "Staged":
+        """Lay out a message's frames: large ones copied into a pool buffer now, the rest
+        inline (copied out of ``frames`` too when ``own``: the worker stages its reply
+        before it lets go of the request's memory, which a result may view)."""
+        fds = list(fds)
         descriptors, inline, large = [], [], []
         for index, frame in enumerate(frames):
             if isinstance(frame, SharedRef):
-                descriptors.append([SHARED, frame.name, frame.offset, frame.length])
+                descriptors.append([SHARED, frame.fd, frame.offset, frame.length])
             else:
                 view = frame_view(frame)
                 if self.pool is not None and view.nbytes >= self.shm_threshold:
-                    descriptors.append(None)  # filled in once the lease exists
+                    descriptors.append(None)  # filled in once the buffer exists
                     large.append((index, view))
                 else:
                     descriptors.append([INLINE, view.nbytes])
                     inline.append(view)
-        lease = None
+        buffer = None
         if large:
             try:
-                lease = self.pool.lease(sum(aligned(view.nbytes) for _, view in large))
-            except OSError:  # /dev/shm is full or missing: these frames go inline instead
+                buffer = self.pool.lease(sum(aligned(view.nbytes) for _, view in large))
+            except OSError:  # no memory for a memfd (or no descriptors left): these go inline
                 for index, view in large:
                     descriptors[index] = [INLINE, view.nbytes]
                 inline = [frame_view(f) for f, d in zip(frames, descriptors) if d[0] == INLINE]
                 large = []
-        if large:
-            try:
-                for index, view in large:
-                    descriptors[index] = [SHARED, lease.name, lease.put(view), view.nbytes]
-            except BaseException:
-                self.pool.release(lease.name)
-                raise
-        header = msgpack.packb({"k": kind, "i": request_id, "m": meta or {}, "f": descriptors},
-                               use_bin_type=True)
-        if len(header) > MAX_HEADER_BYTES:
-            raise ValueError(f"message header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
-        inline_total = sum(view.nbytes for view in inline)
-        buffers = [_PREFIX.pack(MESSAGE_MAGIC, len(header), inline_total), header, *inline]
         try:
-            with self._send_lock:
-                _send_all(self.sock, buffers)
+            if large:
+                for index, view in large:
+                    descriptors[index] = [SHARED, len(fds), buffer.put(view), view.nbytes]
+                buffer.finish()
+                fds.append(buffer.fd)
+            if len(fds) > MAX_FDS:
+                raise ValueError(f"a message carries at most {MAX_FDS} file descriptors, not {len(fds)}")
         except BaseException:
-            if lease is not None:
-                self.pool.release(lease.name)
+            if buffer is not None:
+                self.pool.release(buffer)
             raise
-        return lease
+        return Staged(descriptors, [bytes(view) for view in inline] if own else inline, fds, buffer)
+
+    def send_staged(self, kind: str, request_id: int, meta: dict | None, staged: "Staged"):
+        """Send a staged message; return its pool buffer (see ``send``)."""
+        try:
+            header = msgpack.packb({"k": kind, "i": request_id, "m": meta or {}, "f": staged.descriptors},
+                                   use_bin_type=True)
+            if len(header) > MAX_HEADER_BYTES:
+                raise ValueError(f"message header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+            inline_total = sum(memoryview(frame).nbytes for frame in staged.inline)
+            buffers = [_PREFIX.pack(MESSAGE_MAGIC, len(header), inline_total), header, *staged.inline]
+            with self._send_lock:
+                _send_all(self.sock, buffers, staged.fds)
+        except BaseException:
+            if staged.buffer is not None:
+                self.pool.release(staged.buffer)
+            raise
+        return staged.buffer
 
     # -- receiving --------------------------------------------------------------------
     def recv(self) -> Message:
         """Read one message. ``ConnectionClosed`` at a clean end of stream, ``ProtocolError``
-        when framing is broken, ``BadMessage`` when one message is bad but skipped."""
+        when framing is broken, ``BadMessage`` when one message is bad but skipped.
+        Descriptors of a message that fails are closed here; those of a returned message
+        are the caller's (``Message.close``)."""
+        try:
+            message = self._recv_message()
+        except BaseException:
+            _close_all(self._fds_in)
+            raise
+        finally:
+            self._fds_in, self._truncated = [], False
+        return message
+
+    def _recv_message(self) -> Message:
         self._recv_exact(memoryview(self._prefix))
         magic, header_len, inline_total = _PREFIX.unpack(self._prefix)
         if magic != MESSAGE_MAGIC:
@@ -212,9 +268,19 @@ class Connection:
         inline = self._fill(inline_total, "_inline")
         header_view = memoryview(header)[:header_len]
         try:
-            return self._parse(header_view, memoryview(inline)[:inline_total].toreadonly())
+            message = self._parse(header_view, memoryview(inline)[:inline_total].toreadonly())
         finally:
             header_view.release()
+        fds = self._fds_in
+        used = {ref.fd for ref in message.shared()}
+        if self._truncated or len(fds) > MAX_FDS:
+            raise BadMessage(f"message carried more than the {MAX_FDS} file descriptors allowed "
+                             "(the kernel truncated them)", message.id)
+        if used != set(range(len(fds))):
+            raise BadMessage(f"message carries {len(fds)} file descriptor(s) but its frames use "
+                             f"{sorted(used)}", message.id)
+        message.fds = fds
+        return message
 
     def _fill(self, nbytes: int, attribute: str) -> bytearray:
         buffer = getattr(self, attribute)
@@ -242,19 +308,17 @@ class Connection:
             raise BadMessage(f"message metadata must be a map, got {type(meta).__name__}", request_id)
         if not isinstance(descriptors, list) or len(descriptors) > MAX_FRAMES:
             raise BadMessage(f"frame descriptors must be a list of at most {MAX_FRAMES}", request_id)
-        frames, segments, position = [], {}, 0
-        for index, descriptor in enumerate(descriptors):
+        frames, position = [], 0
+        for descriptor in descriptors:
             frame = self._frame(descriptor, inline, position, request_id)
             if descriptor[0] == INLINE:
                 position += frame.nbytes
-            elif descriptor[0] == SHARED:
-                segments[index] = descriptor[1]
             frames.append(frame)
         if position != inline.nbytes:
             raise BadMessage(
                 f"frame descriptors account for {position} inline bytes but the message holds "
                 f"{inline.nbytes}", request_id)
-        return Message(kind, request_id, meta, frames, segments)
+        return Message(kind, request_id, meta, frames)
 
     def _frame(self, descriptor: Any, inline: memoryview, position: int, request_id: int):
         def bad(why: str) -> BadMessage:
@@ -269,29 +333,36 @@ class Connection:
                 raise bad(f"length must fit in the {inline.nbytes} inline bytes")
             return inline[position:position + length]
         if tag == SHARED and len(descriptor) == 4:
-            _, name, offset, length = descriptor
-            if not isinstance(name, str) or not all(type(v) is int and v >= 0 for v in (offset, length)):
-                raise bad("expected [SHARED, name, offset >= 0, length >= 0]")
-            if self.segments is None:
-                return SharedRef(name, offset, length)
-            try:
-                return self.segments.view(name, offset, length)
-            except (OSError, ValueError) as exc:
-                raise bad(str(exc)) from None
+            _, fd, offset, length = descriptor
+            if not all(type(v) is int and v >= 0 for v in (fd, offset, length)):
+                raise bad("expected [SHARED, fd index >= 0, offset >= 0, length >= 0]")
+            return SharedRef(fd, offset, length)
         raise bad("unknown tag or wrong number of fields")
 
     def _recv_exact(self, view: memoryview, *, mid_message: bool = False) -> None:
         received = 0
         while received < view.nbytes:
             try:
-                count = self.sock.recv_into(view[received:])
+                count, ancillary, flags, _ = self.sock.recvmsg_into(
+                    [view[received:]], _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
             except ConnectionResetError:
-                count = 0  # a peer that closed with our data unread: closed all the same
+                count, ancillary, flags = 0, [], 0  # a peer that closed with our data unread
+            self._take_fds(ancillary, flags)
             if count == 0:
                 if received or mid_message:
                     raise ProtocolError("the peer closed the connection in the middle of a message")
                 raise ConnectionClosed("the peer closed the connection")
             received += count
+
+    def _take_fds(self, ancillary: list, flags: int) -> None:
+        """Keep the descriptors that came with these bytes, whoever sent them (they are
+        ours to close now), and note whether the kernel had to drop some."""
+        self._truncated |= bool(flags & socket.MSG_CTRUNC)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                self._fds_in.extend(fds)
 
     def close(self) -> None:
         try:
@@ -301,11 +372,23 @@ class Connection:
         self.sock.close()
 
 
-def _send_all(sock: socket.socket, buffers: Iterable[Any]) -> None:
-    """``sendall`` for a list of buffers, gathered by ``sendmsg`` without joining them."""
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+def _send_all(sock: socket.socket, buffers: Iterable[Any], fds: Sequence[int] = ()) -> None:
+    """``sendall`` for a list of buffers, gathered by ``sendmsg`` without joining them;
+    ``fds`` ride with the first byte."""
     pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     while pending:
-        sent = sock.sendmsg(pending[:_IOV_BATCH])
+        sent = sock.sendmsg(pending[:_IOV_BATCH], ancillary)
+        ancillary = []
         while sent:
             head = pending[0]
             if sent >= head.nbytes:

@@ -1,299 +1,338 @@
-"""POSIX shared-memory segments for large frames: a pool of our own, a map of the peer's.
+"""Memory for large frames: anonymous memfds passed over the Unix socket, never names.
 
-Every process owns the segments it creates and is the only one to unlink them while it
-lives. Names are ``sbx-<owner pid>-<pool token>-<serial>``, so whoever survives a
-``kill -9`` of the owner can find and unlink what the dead process left behind
-(``unlink_pool``, ``sweep_orphans``).
+A frame of at least the threshold travels in a memfd (``memfd_create``) whose file
+descriptor rides along with its message (``SCM_RIGHTS``). No process can open it by name,
+and it is freed when its last holder (descriptor or mapping) goes, so a ``kill -9`` of
+anyone leaves nothing behind.
 
-The multiprocessing resource tracker is deliberately not involved: it unlinks segments
-when *any* process that opened them exits, including a peer that only mapped them.
-Segments are created with ``_posixshmem.shm_open`` (what ``multiprocessing.shared_memory``
-uses underneath) and mapped with ``mmap``; their lifecycle is ours alone.
+- The client's requests: a pool of memfds it reuses (fresh pages per message cost 4-7x in
+  page faults), sealed against shrinking so a mapping of them can never fault past the end.
+- The worker maps a request's memfds for that request only (``RequestMemory``) and
+  lets go of them before it replies.
+- The worker's results: a fresh memfd per reply, written without mapping it, then sealed
+  read-only (``F_SEAL_WRITE``); the client maps it copy-on-write (``map_result``), so its
+  tensor is writable and zero-copy, and nothing in the worker can change it any more.
 """
 from __future__ import annotations
 
-import collections
+import ctypes
+import fcntl
 import mmap
 import os
-import re
-import secrets
 import threading
+import weakref
 
-import _posixshmem
 import psutil
 
-PREFIX = "sbx"
-SHM_DIR = "/dev/shm"
-NAME_PATTERN = re.compile(rf"^{PREFIX}-(\d+)-([0-9a-f]{{8}})-(\d+)$")
 ALIGN = 64
-# Segments are sized in powers of two from here, so a pool serves varied sizes by reuse.
-MIN_SEGMENT_BYTES = 1 << 20
-# Idle segments kept for reuse beyond this many bytes are unlinked (tmpfs is RAM).
+# Pooled buffers are sized in powers of two from here, so a pool serves varied sizes by reuse.
+MIN_BUFFER_BYTES = 1 << 20
+# Idle pooled buffers beyond this many bytes are freed (memfd pages are RAM).
 DEFAULT_MAX_IDLE_BYTES = 512 << 20
+# A request's memfd may not shrink under the worker's mapping (SIGBUS); a result's may not
+# change at all once the client holds it.
+REQUEST_SEALS = fcntl.F_SEAL_SHRINK
+RESULT_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+# Test-only switches, read once at start-up (by the worker, and the client for the second):
+# they turn a protection off so the tests can show its attack working without it.
+KEEP_REQUEST_MEMORY = os.environ.get("SOURCEBOX_TEST_KEEP_REQUEST_MEMORY") == "1"
+UNSEALED_RESULTS = os.environ.get("SOURCEBOX_TEST_UNSEALED_RESULTS") == "1"
+# What those switches keep alive on purpose.
+_kept: list = []
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 
 
 def aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def owner_pid(name: str) -> int | None:
-    """The pid in one of our segment names, or ``None`` for any other name."""
-    match = NAME_PATTERN.match(name)
-    return int(match.group(1)) if match else None
-
-
-class Segment:
-    """One mapped POSIX shared-memory segment."""
-
-    __slots__ = ("name", "size", "_mmap", "view")
-
-    def __init__(self, name: str, size: int, mapping: mmap.mmap):
-        self.name = name
-        self.size = size
-        self._mmap = mapping
-        self.view = memoryview(mapping)
-
-    @classmethod
-    def create(cls, name: str, size: int) -> "Segment":
-        fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
-        try:
-            # Reserve the pages now: a full /dev/shm then fails here with ENOSPC instead
-            # of killing whoever first writes to the page with SIGBUS.
-            os.posix_fallocate(fd, 0, size)
-            return cls(name, size, mmap.mmap(fd, size))
-        except BaseException:
-            _posixshmem.shm_unlink("/" + name)
-            raise
-        finally:
-            os.close(fd)
-
-    @classmethod
-    def attach(cls, name: str) -> "Segment":
-        """Map a segment another process created (its size is read from the segment)."""
-        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0)
-        try:
-            size = os.fstat(fd).st_size
-            if size == 0:
-                raise ValueError(f"shared-memory segment {name} is empty")
-            return cls(name, size, mmap.mmap(fd, size))
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        """Unmap, unless views of it are still alive (zero-copy tensors a user kept):
-        then the mapping goes away with the last of them."""
-        try:
-            self.view.release()
-            self._mmap.close()
-        except BufferError:
-            pass
-
-    def unlink(self) -> None:
-        unlink(self.name)
-
-
-def unlink(name: str) -> bool:
-    """Remove a segment's name; ``False`` if it was already gone."""
+def _memfd(name: str, size: int) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        _posixshmem.shm_unlink("/" + name)
-        return True
-    except FileNotFoundError:
-        return False
+        os.ftruncate(fd, size)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
-class Lease:
-    """A pooled segment handed out for one message; give it back with ``SegmentPool.release``."""
+class Buffer:
+    """One pooled memfd of the client, mapped writable here, filled once per message."""
 
-    __slots__ = ("segment", "used")
+    __slots__ = ("fd", "size", "_mmap", "view", "used")
 
-    def __init__(self, segment: Segment):
-        self.segment = segment
+    def __init__(self, size: int):
+        self.fd = _memfd("sourcebox-request", size)
+        try:
+            # Reserve the pages now: out of memory fails here (frames then go inline)
+            # instead of killing whoever first touches a page with SIGBUS.
+            os.posix_fallocate(self.fd, 0, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, REQUEST_SEALS | fcntl.F_SEAL_GROW)
+            self._mmap = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.size = size
+        self.view = memoryview(self._mmap)
         self.used = 0
-
-    @property
-    def name(self) -> str:
-        return self.segment.name
 
     def put(self, frame: memoryview) -> int:
         """Copy ``frame`` in at the next aligned offset; return that offset."""
         offset = aligned(self.used)
-        self.segment.view[offset:offset + frame.nbytes] = frame
+        self.view[offset:offset + frame.nbytes] = frame
         self.used = offset + frame.nbytes
         return offset
 
+    def finish(self) -> None:
+        """Nothing to do: the worker only reads it, during the request."""
 
-class SegmentPool:
-    """The segments this process owns, reused across messages.
+    def close(self) -> None:
+        self.view.release()
+        self._mmap.close()
+        os.close(self.fd)
 
-    ``lease(n)`` hands out the smallest idle segment of at least ``n`` bytes (creating one
-    when none fits); ``release(name)`` takes it back once the peer is done with it. Idle
-    segments beyond ``max_idle_bytes`` are unlinked. ``close()`` unlinks everything.
-    ``dropped()`` returns (and forgets) the names unlinked since the last call, so the
-    peer can be told to unmap them.
+
+class BufferPool:
+    """The client's request buffers, reused across messages.
+
+    ``lease(n)`` hands out the smallest idle buffer of at least ``n`` bytes (creating one
+    when none fits); ``release(buffer)`` takes it back once the worker is done with it
+    (its reply arrived). Idle buffers beyond ``max_idle_bytes`` are freed.
     """
 
     def __init__(self, *, max_idle_bytes: int = DEFAULT_MAX_IDLE_BYTES):
-        self.pid = os.getpid()
-        self.token = secrets.token_hex(4)
         self.max_idle_bytes = max_idle_bytes
-        self._serial = 0
-        self._idle: list[Segment] = []
-        self._leased: dict[str, Segment] = {}
-        self._dropped: list[str] = []
+        self._idle: list[Buffer] = []
+        self._leased: set[Buffer] = set()
         self._lock = threading.Lock()
         self._closed = False
 
-    @property
-    def prefix(self) -> str:
-        """The name prefix of every segment of this pool."""
-        return f"{PREFIX}-{self.pid}-{self.token}-"
-
-    def lease(self, nbytes: int) -> Lease:
+    def lease(self, nbytes: int) -> Buffer:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the shared-memory pool is closed")
-            fitting = [segment for segment in self._idle if segment.size >= nbytes]
+            fitting = [buffer for buffer in self._idle if buffer.size >= nbytes]
             if fitting:
-                segment = min(fitting, key=lambda s: s.size)
-                self._idle.remove(segment)
+                buffer = min(fitting, key=lambda b: b.size)
+                self._idle.remove(buffer)
             else:
-                size = max(MIN_SEGMENT_BYTES, 1 << (max(nbytes, 1) - 1).bit_length())
-                self._serial += 1
-                segment = Segment.create(f"{self.prefix}{self._serial}", size)
-            self._leased[segment.name] = segment
-            return Lease(segment)
+                buffer = Buffer(max(MIN_BUFFER_BYTES, 1 << (max(nbytes, 1) - 1).bit_length()))
+            buffer.used = 0
+            self._leased.add(buffer)
+            return buffer
 
-    def release(self, name: str) -> bool:
-        """Return a leased segment to the idle set; ``False`` for a name not leased here."""
+    def release(self, buffer: Buffer) -> None:
         with self._lock:
-            segment = self._leased.pop(name, None)
-            if segment is None:
-                return False
             if self._closed:
-                self._discard(segment)
-                return True
-            self._idle.append(segment)
-            while sum(s.size for s in self._idle) > self.max_idle_bytes:
-                self._discard(max(self._idle, key=lambda s: s.size))
-            return True
-
-    def _discard(self, segment: Segment) -> None:
-        if segment in self._idle:
-            self._idle.remove(segment)
-        segment.close()
-        segment.unlink()
-        self._dropped.append(segment.name)
-
-    def dropped(self) -> list[str]:
-        with self._lock:
-            names, self._dropped = self._dropped, []
-            return names
-
-    def owns(self, name: str) -> bool:
-        return name.startswith(self.prefix)
+                return  # closed with the pool
+            self._leased.discard(buffer)
+            self._idle.append(buffer)
+            while sum(b.size for b in self._idle) > self.max_idle_bytes:
+                largest = max(self._idle, key=lambda b: b.size)
+                self._idle.remove(largest)
+                largest.close()
 
     def stats(self) -> dict:
         with self._lock:
-            return {
-                "idle": len(self._idle), "leased": len(self._leased),
-                "bytes": sum(s.size for s in self._idle) + sum(s.size for s in self._leased.values()),
-            }
+            return {"idle": len(self._idle), "leased": len(self._leased),
+                    "bytes": sum(b.size for b in (*self._idle, *self._leased))}
 
     def close(self) -> None:
-        """Unmap and unlink every segment, leased or idle."""
+        """Free every buffer, leased ones too: requests still out when the connection
+        closes get no reply (the worker holds its own descriptor for one it still reads)."""
         with self._lock:
             self._closed = True
-            for segment in [*self._idle, *self._leased.values()]:
-                segment.close()
-                segment.unlink()
+            for buffer in (*self._idle, *self._leased):
+                buffer.close()
             self._idle.clear()
             self._leased.clear()
 
 
-class SegmentMap:
-    """Segments owned by peers, mapped on first use and kept mapped for reuse.
+class SealedBuffer:
+    """A fresh memfd for one reply's large frames: written with ``pwrite`` (the worker
+    never maps it), then sealed read-only before its descriptor leaves."""
 
-    Mapping is the expensive part (a fresh mapping of 64 MiB costs page-table work on
-    every first touch), so mappings are cached by name, the ``max_mapped`` most recently
-    used of them. The owner says when a name is unlinked (``forget``) or the peer is gone
-    (``forget_prefix``); the bound covers the rest (a segment another client's reply
-    dropped), so an unlinked segment's memory is never held for long.
-    """
+    __slots__ = ("fd", "size", "used")
 
-    def __init__(self, max_mapped: int = 16):
-        self.max_mapped = max_mapped
-        self._segments: collections.OrderedDict[str, Segment] = collections.OrderedDict()
-        self._lock = threading.Lock()
+    def __init__(self, size: int):
+        self.fd = _memfd("sourcebox-result", size)
+        self.size = size
+        self.used = 0
 
-    def view(self, name: str, offset: int, length: int) -> memoryview:
-        """A writable view of ``length`` bytes at ``offset`` in the peer's segment ``name``."""
-        if owner_pid(name) is None:
-            raise ValueError(f"{name!r} is not a sourcebox shared-memory segment name")
-        with self._lock:
-            segment = self._segments.get(name)
-            if segment is None:
-                try:
-                    segment = Segment.attach(name)
-                except FileNotFoundError:
-                    raise ValueError(f"shared-memory segment {name} does not exist") from None
-                self._segments[name] = segment
-                while len(self._segments) > self.max_mapped:
-                    self._segments.popitem(last=False)[1].close()
-            else:
-                self._segments.move_to_end(name)
-        if offset < 0 or length < 0 or offset + length > segment.size:
-            raise ValueError(
-                f"frame at offset {offset} of {length} bytes runs past the end of segment "
-                f"{name} ({segment.size} bytes)")
-        return segment.view[offset:offset + length]
+    def put(self, frame: memoryview) -> int:
+        offset = aligned(self.used)
+        done = 0
+        while done < frame.nbytes:
+            done += os.pwrite(self.fd, frame[done:], offset + done)
+        self.used = offset + frame.nbytes
+        return offset
 
-    def forget(self, names) -> None:
-        with self._lock:
-            for name in names:
-                segment = self._segments.pop(name, None)
-                if segment is not None:
-                    segment.close()
-
-    def forget_prefix(self, prefix: str) -> None:
-        with self._lock:
-            names = [name for name in self._segments if name.startswith(prefix)]
-        self.forget(names)
+    def finish(self) -> None:
+        if not UNSEALED_RESULTS:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, RESULT_SEALS)
 
     def close(self) -> None:
-        with self._lock:
-            names = list(self._segments)
-        self.forget(names)
+        os.close(self.fd)
 
 
-def unlink_matching(prefix: str) -> list[str]:
-    """Unlink every segment whose name starts with ``prefix``; return the names removed."""
-    removed = []
-    for name in _listing():
-        if name.startswith(prefix) and unlink(name):
-            removed.append(name)
-    return removed
+class SealedWriter:
+    """The worker's side: every reply gets its own ``SealedBuffer``; ``release`` closes
+    the worker's descriptor once the message is sent, so the worker keeps nothing."""
+
+    def lease(self, nbytes: int) -> SealedBuffer:
+        return SealedBuffer(max(nbytes, 1))
+
+    def release(self, buffer: SealedBuffer) -> None:
+        if UNSEALED_RESULTS:
+            _kept.append(buffer)  # the test-only control: the worker keeps a writable handle
+            return
+        buffer.close()
 
 
-def owned_by(pid: int) -> list[str]:
-    """Names of our segments whose owner is ``pid``."""
-    return [name for name in _listing() if owner_pid(name) == pid]
+def _map(fd: int, size: int, flags: int) -> tuple[ctypes.Array, int]:
+    """Map ``size`` bytes of ``fd`` read-write; the mapping lives as long as the returned
+    ctypes array (and every view of it), not as long as ``fd``."""
+    address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
+    if address is None or address == _MAP_FAILED:
+        error = ctypes.get_errno()
+        raise OSError(error, f"mmap of a received memfd failed: {os.strerror(error)}")
+    holder = (ctypes.c_char * size).from_address(address)
+    weakref.finalize(holder, _libc.munmap, address, size).atexit = False
+    return holder, address
 
 
-def sweep_orphans() -> list[str]:
-    """Unlink our segments whose owner process no longer exists; return their names."""
-    removed = []
-    for name in _listing():
-        pid = owner_pid(name)
-        if pid is not None and not alive(pid) and unlink(name):
-            removed.append(name)
-    return removed
+def check_request_fd(fd: int, what: str) -> int:
+    """The size of a memfd a client passed for a request; ``ValueError`` for anything else
+    (the supervisor lets no other kind of descriptor, a socket say, into the sandbox)."""
+    return _checked_size(fd, REQUEST_SEALS, what)
 
 
-def _listing() -> list[str]:
+def _checked_size(fd: int, required_seals: int, what: str) -> int:
+    """The size of a received memfd, after checking it is one and carries the seals its
+    use needs; ``ValueError`` naming what is wrong otherwise."""
     try:
-        return os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return []
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise ValueError(f"{what} is not a sealable memfd") from None
+    if seals & required_seals != required_seals:
+        raise ValueError(f"{what} lacks the seals it must carry ({seals:#x}, needs {required_seals:#x})")
+    size = os.fstat(fd).st_size
+    if size == 0:
+        raise ValueError(f"{what} is empty")
+    return size
+
+
+def _views(refs, holders) -> list:
+    views = []
+    for ref in refs:
+        holder, size = holders[ref.fd]
+        if ref.offset + ref.length > size:
+            raise ValueError(f"a frame at offset {ref.offset} of {ref.length} bytes runs past the end "
+                             f"of its memfd ({size} bytes)")
+        views.append(memoryview(holder).cast("B")[ref.offset:ref.offset + ref.length])
+    return views
+
+
+class RequestMemory:
+    """A request's memfds, mapped shared for the request's duration only.
+
+    ``views(refs)`` maps each memfd once, closes its descriptor at once, and returns
+    writable views of the frames. ``release()`` drops the mappings before the reply, so no
+    later request finds the client's data in ``/proc/self/fd``, ``/proc/self/maps`` or
+    ``/proc/self/mem``. A mapping that user code still views (a tensor it kept) is
+    replaced in place by a private copy of its bytes, so the kept tensor stays valid and
+    the client's memfd is gone all the same.
+    """
+
+    def __init__(self):
+        self._mapped: list[tuple[weakref.ref, int, int]] = []
+
+    def views(self, refs: list, fds: list[int]) -> list:
+        holders = {}
+        try:
+            for index in sorted({ref.fd for ref in refs}):
+                size = check_request_fd(fds[index], f"file descriptor {index} of the request")
+                holder, address = _map(fds[index], size, mmap.MAP_SHARED)
+                holders[index] = holder, size
+                self._mapped.append((weakref.ref(holder), address, size))
+            return _views(refs, holders)
+        finally:
+            if not KEEP_REQUEST_MEMORY:
+                for fd in fds:
+                    os.close(fd)
+            else:
+                _kept.append(holders)  # the test-only control: mappings and descriptors stay
+            fds.clear()
+
+    def release(self) -> None:
+        if KEEP_REQUEST_MEMORY:
+            return
+        mapped, self._mapped = self._mapped, []
+        for ref, address, size in mapped:
+            if ref() is not None:
+                _replace_with_copy(address, size)
+
+
+def _replace_with_copy(address: int, size: int) -> None:
+    """Swap the shared mapping at ``address`` for a private anonymous copy of its bytes,
+    atomically (``mremap`` over it): whoever views it keeps the same data."""
+    copy = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if copy is None or copy == _MAP_FAILED:
+        raise MemoryError(f"no memory for a private copy of a kept request frame ({size} bytes)")
+    ctypes.memmove(copy, address, size)
+    if _libc.mremap(copy, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, address) == _MAP_FAILED:
+        error = ctypes.get_errno()
+        _libc.munmap(copy, size)
+        raise OSError(error, f"mremap over a kept request frame failed: {os.strerror(error)}")
+
+
+def map_result(refs: list, fds: list[int]) -> list:
+    """Views of a reply's large frames: each sealed memfd mapped copy-on-write (writable
+    here, unchangeable by the worker), descriptors closed at once. The mapping is freed
+    when the last view of it goes."""
+    holders = {}
+    required = 0 if UNSEALED_RESULTS else RESULT_SEALS
+    try:
+        for index in sorted({ref.fd for ref in refs}):
+            size = _checked_size(fds[index], required, f"file descriptor {index} of the reply")
+            holders[index] = _map(fds[index], size, mmap.MAP_PRIVATE)[0], size
+        return _views(refs, holders)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
+
+
+def memfd_bytes(pid: int) -> int:
+    """Bytes of memfd memory that process ``pid`` holds through open descriptors (each
+    memfd once). Its RSS counts only what it maps, so this is added to the RSS for the
+    memory limit (a descriptor it also maps is counted twice: the limit errs strict)."""
+    total, seen = 0, set()
+    directory = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        path = f"{directory}/{name}"
+        try:
+            if not os.readlink(path).startswith("/memfd:"):
+                continue
+            stat = os.stat(path)
+        except OSError:
+            continue  # closed meanwhile
+        if stat.st_ino not in seen:
+            seen.add(stat.st_ino)
+            total += stat.st_blocks * 512
+    return total
 
 
 def alive(pid: int) -> bool:

@@ -10,10 +10,9 @@ running. It
   reports it);
 - queues requests per client and takes them round-robin across clients, one at a time;
 - forwards requests and replies (``miss`` answers too: repeated code is deduplicated
-  between the client and the worker's source store). Large frames are not touched: only
-  shared-memory segment names pass through;
-- cleans up after whoever dies: a client's segments when its connection drops, the
-  worker's when the worker dies.
+  between the client and the worker's source store). Large frames are not touched: their
+  memfd descriptors pass through unmapped, and the supervisor closes its copies once
+  forwarded (or when their sender or receiver is gone), so it holds no one's memory.
 """
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ import psutil
 from . import errors
 from . import shm
 from .errors import BadMessage, ProtocolError, ProtocolVersionError, describe_exit, failure
-from .protocol import DEFAULT_SHM_THRESHOLD, PROTOCOL_VERSION, Connection, ConnectionClosed, Message, SharedRef
+from .protocol import DEFAULT_SHM_THRESHOLD, PROTOCOL_VERSION, Connection, ConnectionClosed, Message
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # How often the scheduler wakes to check the worker's memory, deadline and health.
@@ -57,9 +56,7 @@ class ClientSession:
     id: int
     conn: Connection
     pid: int
-    prefix: str = ""            # its shared-memory segment names start with this
     queue: collections.deque = field(default_factory=collections.deque)
-    leases: set = field(default_factory=set)  # worker segments it has still to give back
     alive: bool = True
 
 
@@ -150,9 +147,6 @@ class Supervisor:
     # -- entry -------------------------------------------------------------------------
     def serve(self) -> int:
         self._listener = _listen(self.socket_path)
-        removed = shm.sweep_orphans()
-        if removed:
-            self._say(f"removed {len(removed)} shared-memory segments of dead processes")
         removed = _sweep_orphan_scratch()
         if removed:
             self._say(f"removed {len(removed)} scratch directories of dead servers")
@@ -199,6 +193,7 @@ class Supervisor:
         try:
             worker.conn.greet(peer=f"worker pid {worker.pid}")
             message = self._wait_message(worker, time.monotonic() + self.start_timeout, "start")
+            message.close()
         except (_WorkerLost, ProtocolError, OSError) as exc:
             self._dispose(worker)
             raise StartFailed(f"{exc}\n{worker.output_tail()}".strip()) from None
@@ -244,9 +239,11 @@ class Supervisor:
             except (ProtocolError, OSError):
                 raise _WorkerLost(errors.CRASHED, "the worker died") from None
             if message.kind == "stats":
+                message.close()
                 worker.gpu_bytes = message.meta.get("gpu")
                 continue
             if wanted_id is not None and message.id != wanted_id:
+                message.close()
                 continue  # a late pong
             return message
 
@@ -257,7 +254,8 @@ class Supervisor:
             rss = psutil.Process(worker.pid).memory_info().rss
         except psutil.NoSuchProcess:
             return  # its death shows up on the socket
-        for what, used in (("RSS", rss), ("GPU memory", worker.gpu_bytes)):
+        # Memfds it holds only by descriptor are in no RSS: they count too.
+        for what, used in (("RSS and memfds", rss + shm.memfd_bytes(worker.pid)), ("GPU memory", worker.gpu_bytes)):
             if used is not None and used > self.memory_limit:
                 raise _WorkerLost(errors.MEMORY, f"the worker's {what} of {_mib(used)} went past "
                                                  f"the memory limit of {_mib(self.memory_limit)}")
@@ -273,12 +271,7 @@ class Supervisor:
         worker.conn.close()
         worker.pump.join(timeout=5)  # its last lines belong in the crash report
         worker.popen.stdout.close()
-        for name in shm.owned_by(worker.pid):
-            shm.unlink(name)
         shutil.rmtree(worker.scratch, ignore_errors=True)
-        with self._lock:
-            for client in self._clients.values():
-                client.leases.clear()  # the new worker owns none of them
         return returncode
 
     def _lose_worker(self, lost: _WorkerLost) -> dict:
@@ -315,6 +308,7 @@ class Supervisor:
             except _WorkerLost as lost:
                 outcome = self._lose_worker(lost)
                 if item is not None:
+                    item[1].close()
                     self._reply_failure(item[0], item[1].id, outcome)
 
     def _take(self) -> tuple[ClientSession, Message] | None:
@@ -348,11 +342,12 @@ class Supervisor:
             return
         ping_id = next(self._request_ids)
         worker.conn.send("ping", ping_id)
-        self._wait_message(worker, time.monotonic() + _PING_TIMEOUT, "ping", ping_id)
+        self._wait_message(worker, time.monotonic() + _PING_TIMEOUT, "ping", ping_id).close()
         worker.last_ping = time.monotonic()
 
     def _execute(self, client: ClientSession, message: Message) -> None:
         if not client.alive:  # it left after its request was taken from the queue
+            message.close()
             with self._lock:
                 self._running = None
             return
@@ -364,10 +359,11 @@ class Supervisor:
         try:
             worker.conn.send("request", request_id, {
                 "kind": meta["kind"], "form": meta.get("form", "frames"), "reply": meta.get("reply", "frames"),
-                "dropped": meta.get("dropped", []),
-            }, message.frames)
+            }, message.frames, message.fds)
         except OSError:
             raise _WorkerLost(errors.CRASHED, "the worker died") from None
+        finally:
+            message.close()  # the worker has its own copies now
         reply = self._wait_message(worker, deadline, "request", request_id)
         worker.last_ping = time.monotonic()
         if "sources" in reply.meta:
@@ -375,16 +371,13 @@ class Supervisor:
         self.served += 1
         with self._lock:
             self._running = None
-        leases = set(reply.segments.values())
-        if client.alive:
-            client.leases |= leases
-            try:
-                client.conn.send(reply.kind, message.id, reply.meta, reply.frames)
-                return
-            except OSError:
-                self._client_gone(client)
-        if leases:  # nobody will copy the result out: the segment is free again
-            worker.conn.send("release", 0, {"names": sorted(leases)})
+        try:
+            if client.alive:
+                client.conn.send(reply.kind, message.id, reply.meta, reply.frames, reply.fds)
+        except OSError:
+            self._client_gone(client)
+        finally:
+            reply.close()  # the client has its own copies now (or nobody wants them)
 
     def _reply_failure(self, client: ClientSession, request_id: int, info: dict) -> None:
         with self._lock:
@@ -402,6 +395,7 @@ class Supervisor:
                 client.queue.clear()
             self._rotation.clear()
         for client, message in pending:
+            message.close()
             self._reply_failure(client, message.id, info)
 
     # -- clients -----------------------------------------------------------------------
@@ -433,6 +427,8 @@ class Supervisor:
                 except BadMessage as exc:
                     conn.send("error", exc.request_id or 0, {"error": failure(errors.RUNNER, str(exc))})
                     continue
+                if message.kind != "request":
+                    message.close()  # only requests carry memory
                 if not self._handle(client, message):
                     return
         except ProtocolError as exc:
@@ -449,10 +445,10 @@ class Supervisor:
 
     def _welcome(self, conn: Connection, pid: int) -> ClientSession:
         hello = conn.recv()
-        token = hello.meta.get("token")
-        if hello.kind != "hello" or not (isinstance(token, str) and shm.NAME_PATTERN.match(f"sbx-{pid}-{token}-0")):
-            raise BadMessage("the first message must be a hello carrying the client's 8-hex-digit pool token")
-        client = ClientSession(next(self._client_ids), conn, pid, prefix=f"{shm.PREFIX}-{pid}-{token}-")
+        hello.close()
+        if hello.kind != "hello":
+            raise BadMessage("the first message must be a hello")
+        client = ClientSession(next(self._client_ids), conn, pid)
         with self._lock:
             self._clients[client.id] = client
         conn.send("welcome", hello.id, {
@@ -466,15 +462,6 @@ class Supervisor:
         kind = message.kind
         if kind == "request":
             self._enqueue(client, message)
-        elif kind == "release":
-            names = [name for name in message.meta.get("names", ()) if name in client.leases]
-            client.leases.difference_update(names)
-            worker = self.worker
-            if names and worker is not None:
-                try:
-                    worker.conn.send("release", 0, {"names": names})
-                except OSError:
-                    pass  # the worker is gone; its segments went with it
         elif kind == "ping":
             client.conn.send("pong", message.id)
         elif kind == "status":
@@ -490,17 +477,20 @@ class Supervisor:
             self.stop()
         else:
             client.conn.send("error", message.id, {"error": failure(
-                errors.RUNNER, f"unknown message kind {kind!r} (expected request, release, ping, "
+                errors.RUNNER, f"unknown message kind {kind!r} (expected request, ping, "
                                "status, wait_ready or stop)")})
         return True
 
     def _enqueue(self, client: ClientSession, message: Message) -> None:
-        problem = _request_problem(message.meta, client.prefix)
+        problem = _request_problem(message.meta)
         if problem is None:
-            problem = next((f"frame {i} names segment {f.name!r}, which is not this client's"
-                            for i, f in enumerate(message.frames)
-                            if isinstance(f, SharedRef) and not f.name.startswith(client.prefix)), None)
+            try:
+                for index, fd in enumerate(message.fds):
+                    shm.check_request_fd(fd, f"file descriptor {index}")
+            except ValueError as exc:
+                problem = str(exc)
         if problem is not None:
+            message.close()
             client.conn.send("error", message.id, {"error": failure(errors.RUNNER, f"bad request: {problem}")})
             return
         detached = message.detach()
@@ -514,6 +504,7 @@ class Supervisor:
                     self._rotation.append(client)
                 self._lock.notify_all()
         if stopping:
+            message.close()
             client.conn.send("error", message.id, {"error": failure(errors.STOPPED, "the worker server is stopping")})
 
     def _client_gone(self, client: ClientSession) -> None:
@@ -521,20 +512,12 @@ class Supervisor:
             if not client.alive:
                 return
             client.alive = False
+            queued = list(client.queue)
             client.queue.clear()
             self._clients.pop(client.id, None)
-            leases, client.leases = sorted(client.leases), set()
+        for message in queued:
+            message.close()
         client.conn.close()
-        worker = self.worker
-        if worker is not None:
-            try:
-                if leases:
-                    worker.conn.send("release", 0, {"names": leases})
-                worker.conn.send("forget", 0, {"prefix": client.prefix})
-            except OSError:
-                pass
-        # The survivor cleans up: whatever the client left in /dev/shm goes now.
-        shm.unlink_matching(client.prefix)
 
     # -- status and shutdown -----------------------------------------------------------
     def status(self) -> dict:
@@ -595,7 +578,7 @@ class Supervisor:
             self._client_gone(client)
 
 
-def _request_problem(meta: dict, prefix: str) -> str | None:
+def _request_problem(meta: dict) -> str | None:
     if not isinstance(meta.get("kind"), str):
         return "meta 'kind' (the request kind) must be a string"
     if meta.get("form", "frames") not in ("frames", "bytes") or meta.get("reply", "frames") not in ("frames", "bytes"):
@@ -603,9 +586,6 @@ def _request_problem(meta: dict, prefix: str) -> str | None:
     timeout = meta.get("timeout")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         return f"meta 'timeout' must be a positive number of seconds, got {timeout!r}"
-    dropped = meta.get("dropped", [])
-    if not isinstance(dropped, list) or not all(isinstance(n, str) and n.startswith(prefix) for n in dropped):
-        return "meta 'dropped' must list segment names of this client"
     return None
 
 

@@ -18,9 +18,9 @@ Each request's bundle is decoded by ``capture`` under the policy into fresh name
 handed to its handler (``runner.handlers``), and the result encoded back. Source texts
 the worker was sent are kept in a bounded ``SourceStore``, so a client sends a segment's
 digest alone the next time; a digest the store lacks is answered with ``miss``. Large frames
-of the request are zero-copy views of the client's shared memory (lent until the reply);
-large frames of the result go into this process's own pool, leased until the client has
-copied them out.
+of the request are zero-copy views of the client's memfds, mapped for that request only
+and let go of before the reply; large frames of the result go into a fresh memfd that is
+sealed read-only and whose descriptor leaves with the reply (``runner.shm``).
 """
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ import sandbox
 from . import handlers
 from . import errors as errors_module
 from .errors import BadMessage, ProtocolError, describe, failure
-from .protocol import Connection, ConnectionClosed
-from .shm import SegmentMap, SegmentPool
+from .protocol import Connection, ConnectionClosed, SharedRef
+from .shm import RequestMemory, SealedWriter
 
 _PR_SET_PDEATHSIG = 1
 # Frames of our own machinery are not the user's: tracebacks skip them.
@@ -156,12 +156,9 @@ class Worker:
                 continue
             if message.kind == "request":
                 self._run(message)
-            elif message.kind == "release":
-                for name in message.meta.get("names", ()):
-                    self.conn.pool.release(name)
-            elif message.kind == "forget":
-                self.conn.segments.forget_prefix(message.meta["prefix"])
-            elif message.kind == "ping":
+                continue
+            message.close()  # only requests carry memory
+            if message.kind == "ping":
                 self.conn.send("pong", message.id)
             elif message.kind == "stop":
                 return
@@ -170,35 +167,50 @@ class Worker:
                     errors_module.RUNNER, f"the worker got an unknown message kind {message.kind!r}")})
 
     def _run(self, message) -> None:
+        memory = RequestMemory()
+        try:
+            kind, meta, bundle = self._answer(message, memory)
+        finally:
+            message.close()
+        # Large reply frames are copied into their memfd before the request's memory is
+        # let go of (a result may view it); then nothing of the client's remains mapped.
+        try:
+            frames = [] if bundle is None else \
+                [bundle.to_bytes()] if message.meta.get("reply") == "bytes" else [bundle.header, *bundle.frames]
+            staged = self.conn.stage(frames, own=True)
+        except BaseException as exc:
+            kind, meta = "error", {"error": describe(exc, skip_dirs=_OWN_DIRS), "sources": self.sources.summary()}
+            staged = self.conn.stage([])
+        frames = bundle = None
+        memory.release()
+        buffer = self.conn.send_staged(kind, message.id, meta, staged)
+        if buffer is not None:
+            self.conn.pool.release(buffer)
+
+    def _answer(self, message, memory: RequestMemory) -> tuple[str, dict, capture.Bundle | None]:
+        """The reply's kind, metadata and result bundle (which keeps the storages its
+        frames view alive); nothing of the request outlives it but what user code kept."""
         meta = message.meta
-        self.conn.segments.forget(meta.get("dropped", ()))
         try:
             handler = handlers.lookup(meta.get("kind"))
             # Inline frames borrow the receive buffer, which the next message reuses: they
-            # get a private copy (writable, so capture need not copy again); shared frames
-            # are the client's segment, lent until our reply, and stay zero-copy.
-            request_frames = [frame if index in message.segments else memoryview(bytearray(frame))
-                              for index, frame in enumerate(message.frames)]
+            # get a private copy (writable, so capture need not copy again); memfd frames
+            # are the client's memory, mapped for this request, and stay zero-copy.
+            shared = iter(memory.views(message.shared(), message.fds))
+            request_frames = [next(shared) if isinstance(frame, SharedRef) else memoryview(bytearray(frame))
+                              for frame in message.frames]
             try:
                 payload = self._decode(meta.get("form"), request_frames)
             except capture.MissingSources as missing:
                 # Answered, never an error: the client encodes the request again with
                 # those texts and resends it.
-                self.conn.send("miss", message.id, {"missing": missing.digests, "sources": self.sources.summary()})
-                return
+                return "miss", {"missing": missing.digests, "sources": self.sources.summary()}, None
             result = handler(self.context, payload)
             bundle = capture.encode(result, policy=self._destination, persistent_id=self._persistent_id,
                                     label="result")
-            frames = [bundle.to_bytes()] if meta.get("reply") == "bytes" else [bundle.header, *bundle.frames]
         except BaseException as exc:  # user code may raise anything, PolicyKill included
-            self.conn.send("error", message.id, {"error": describe(exc, skip_dirs=_OWN_DIRS),
-                                                 "sources": self.sources.summary()})
-            return
-        # The segment named in the reply's shared frames stays leased until the client
-        # (through the supervisor) sends it back in a "release"; "dropped" names the
-        # segments we unlinked, so the client unmaps them.
-        self.conn.send("reply", message.id, {"dropped": self.conn.pool.dropped(),
-                                             "sources": self.sources.summary()}, frames)
+            return "error", {"error": describe(exc, skip_dirs=_OWN_DIRS), "sources": self.sources.summary()}, None
+        return "reply", {"sources": self.sources.summary()}, bundle
 
     def _decode(self, form, frames):
         if form == "bytes":
@@ -300,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     # thread so that this one is alone at sandbox.enter. torch's pool starts at first use.
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     sock = socket.socket(fileno=args.channel_fd)
-    pool, segments, sources = SegmentPool(), SegmentMap(), SourceStore()
-    conn = Connection(sock, pool=pool, segments=segments, shm_threshold=args.shm_threshold)
+    sources = SourceStore()
+    conn = Connection(sock, pool=SealedWriter(), shm_threshold=args.shm_threshold)
     try:
         conn.greet(peer="the supervisor")
         try:
@@ -341,9 +353,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sourcebox worker {os.getpid()}: connection to the supervisor failed: {exc}",
               file=sys.stderr, flush=True)
         return 2
-    finally:
-        pool.close()
-        segments.close()
 
 
 if __name__ == "__main__":

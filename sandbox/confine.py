@@ -17,8 +17,8 @@ Layers, in the order they are applied:
 * no_new_privs: no set-uid gain through exec; required by Landlock and seccomp.
 * landlock: read-only access to the interpreter, site-packages, the modules
   already imported, shared libraries, ``/proc``, ``/sys``, a few ``/dev``
-  entries and ``read_paths``; read-write to ``scratch``, ``write_paths`` and
-  ``/dev/shm``; nothing else. No TCP bind/connect, no abstract Unix sockets
+  entries and ``read_paths``; read-write to ``scratch`` and ``write_paths``;
+  nothing else (shared memory is passed as memfd descriptors, never named). No TCP bind/connect, no abstract Unix sockets
   or signals outside the sandbox.
 * seccomp: see :mod:`sandbox.seccomp_filter`.
 * threads: Landlock, capabilities and no-new-privs are per-thread, so no
@@ -69,7 +69,7 @@ MAX_TASKS = 1024
 # Who a root worker becomes: nobody/nogroup unless the caller names another user.
 UNPRIVILEGED_UID = 65534
 UNPRIVILEGED_GID = 65534
-# Large enough for result tensors written to /dev/shm segments (ftruncate counts).
+# Large enough for result tensors written to memfds (ftruncate counts).
 MAX_FILE_SIZE = 64 << 30
 
 # Read-only system locations: shared libraries (CUDA's driver libraries live in
@@ -83,7 +83,6 @@ SYSTEM_READ_PATHS = (
 DEVICE_PATTERNS = ("/dev/nvidia*", "/dev/nvidia-caps")
 READ_WRITE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full")
 READ_DEVICES = ("/dev/urandom", "/dev/random")
-SHARED_MEMORY = "/dev/shm"
 
 _PR_SET_PDEATHSIG = 1
 _PR_GET_PDEATHSIG = 2
@@ -189,7 +188,7 @@ def enter(
     load starts (progress bars, OpenMP, CUDA) then inherit every layer.
 
     ``scratch``: the only directory user code can write (besides
-    ``write_paths`` and ``/dev/shm``); it becomes the working directory, HOME
+    ``write_paths``); it becomes the working directory, HOME
     and TMPDIR. ``read_paths``: extra read-only paths (the model directory).
     ``confine``: ``"required"`` raises :class:`~sandbox.ConfinementUnavailable`
     if any OS layer cannot be applied or another thread exists (named in the
@@ -576,7 +575,7 @@ def _landlock_ruleset(scratch: Path, read_paths: list[str], write_paths: list[st
     for pattern in DEVICE_PATTERNS:
         for device in glob.glob(pattern):
             ruleset.allow(device, landlock.READ | landlock.DEVICE)
-    for path in [str(scratch), *write_paths, SHARED_MEMORY]:
+    for path in [str(scratch), *write_paths]:
         ruleset.allow(path, landlock.WRITE)
     return ruleset
 

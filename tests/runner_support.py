@@ -11,6 +11,6 @@ def raw_client(worker, timeout: float = 30) -> Connection:
     sock.settimeout(timeout)
     conn = Connection(sock)
     conn.greet(peer="server")
-    conn.send("hello", 0, {"token": "0badf00d"})
+    conn.send("hello", 0)
     assert conn.recv().kind == "welcome"
     return conn

@@ -1,7 +1,9 @@
 """Faults and fairness with real processes: kill -9 of the worker, of a client and of the
 server; clean stops; timeouts and memory limits; several client processes at once.
-After each, /dev/shm must hold nothing of the dead process."""
+After each, nothing of the dead process remains: no name in /dev/shm, and no memfd of
+its messages still held (by descriptor or mapping) by a survivor that is done with it."""
 import glob
+import re
 import os
 import signal
 import subprocess
@@ -14,9 +16,9 @@ import pytest
 import torch
 
 import runner
-from runner import shm
 
 POLICY = "nnsight-local"
+SHM_DIR = "/dev/shm"
 
 CLIENT_SCRIPT = textwrap.dedent('''\
     import sys
@@ -47,6 +49,41 @@ CLIENT_SCRIPT = textwrap.dedent('''\
                 assert torch.equal(worker.call(echo, tensor), tensor)
             print("ok", flush=True)
     ''')
+
+
+def shm_names(*pids):
+    """Names in /dev/shm that these processes could have left (any name holding one of
+    their pids; other test runs on this machine may own the rest)."""
+    tokens = {str(pid) for pid in pids}
+    return sorted(name for name in os.listdir(SHM_DIR) if tokens & set(re.split(r"[^0-9]", name)))
+
+
+def memfds(pid):
+    """The transport's memfds that process ``pid`` holds, by descriptor or by mapping."""
+    held = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("/memfd:sourcebox"):
+                held.append(f"fd {fd}: {link}")
+        with open(f"/proc/{pid}/maps") as maps:
+            held += [line.strip() for line in maps if "/memfd:sourcebox" in line]
+    except (FileNotFoundError, ProcessLookupError):
+        return []  # gone, and everything it held with it
+    return held
+
+
+def hold_memfd(nbytes, seconds):
+    os = __import__("torch").save.__builtins__["__import__"]("os")  # past the Python layer, as any user code can
+    fd = os.memfd_create("hoard")
+    chunk = b"x" * (1 << 20)
+    for _ in range(nbytes >> 20):
+        os.write(fd, chunk)  # never mapped: in no RSS
+    time.sleep(seconds)
+    return os.fstat(fd).st_size
 
 
 def sleep_for(seconds):
@@ -92,9 +129,13 @@ def wait_until(condition, timeout=30.0, what="condition"):
 
 def test_kill_9_of_the_worker_fails_the_running_request_and_serves_the_queue(client_script):
     with runner.Worker(model="none", policy=POLICY) as worker:
-        old_pid = worker.status()["worker_pid"]
-        kept = worker.call(big_tensor, 1 << 20)  # a result still viewing the worker's segment
-        assert shm.owned_by(old_pid)
+        status = worker.status()
+        old_pid = status["worker_pid"]
+        kept = worker.call(big_tensor, 1 << 20)  # a result mapped from the worker's sealed memfd
+        assert memfds(os.getpid())
+        # Both close their copies right after sending it on.
+        wait_until(lambda: memfds(old_pid) == [] and memfds(status["server_pid"]) == [],
+                   what="the worker and the server to let go of the result")
         running = worker.submit(sleep_for, 60)
         wait_until(lambda: worker.status()["running"], what="the request to start")
         others = [spawn_client(client_script, "many", worker.socket_path, 5) for _ in range(2)]
@@ -108,21 +149,25 @@ def test_kill_9_of_the_worker_fails_the_running_request_and_serves_the_queue(cli
             assert other.returncode == 0 and out.strip() == "ok", err
         status = worker.status()
         assert status["restarts"] == 1 and status["worker_pid"] != old_pid
-        assert shm.owned_by(old_pid) == []
-        assert torch.all(kept == 1)  # our mapping outlives the segment's name
+        assert shm_names(old_pid, status["server_pid"], os.getpid()) == []
+        assert torch.all(kept == 1)  # our mapping outlives the worker that wrote it
         assert worker.call(sleep_for, 0) == 0
+        wait_until(lambda: memfds(status["worker_pid"]) == [] and memfds(status["server_pid"]) == [],
+                   what="the new worker and the server to hold no memfd")
 
 
 def test_kill_9_of_a_client_mid_request_leaves_no_segment_and_disturbs_no_one(client_script):
     with runner.Worker(model="none", policy=POLICY) as worker:
         victim = spawn_client(client_script, "slow", worker.socket_path, 2)
         assert victim.stdout.readline().strip() == "calling"
-        wait_until(lambda: shm.owned_by(victim.pid) and worker.status()["running"],
-                   what="the victim's request to run")
+        status = worker.status()
+        wait_until(lambda: memfds(status["worker_pid"]), what="the victim's request to run with its memfd")
         victim.kill()
         victim.communicate()
-        wait_until(lambda: shm.owned_by(victim.pid) == [], what="the server to clean up after the client")
-        assert worker.call(sleep_for, 0) == 0
+        assert worker.call(sleep_for, 0) == 0  # after the victim's request: the worker let go of it
+        wait_until(lambda: memfds(status["worker_pid"]) == [] and memfds(status["server_pid"]) == [],
+                   what="the worker and the server to hold nothing of the victim's")
+        assert shm_names(victim.pid, status["worker_pid"], status["server_pid"]) == []
         wait_until(lambda: worker.status()["clients"] == 1, what="the client to be forgotten")
         assert worker.status()["restarts"] == 0
 
@@ -133,7 +178,7 @@ def test_clean_stop_leaves_nothing_behind():
     assert worker.call(sleep_for, 0) == 0
     status = worker.status()
     worker.close()
-    assert shm.owned_by(status["worker_pid"]) == [] and shm.owned_by(os.getpid()) == []
+    assert shm_names(status["worker_pid"], status["server_pid"], os.getpid()) == []
     assert not os.path.exists(worker.socket_path)
     assert torch.all(result == 1)
 
@@ -147,7 +192,7 @@ def test_close_fails_waiting_requests_as_stopped_and_leaves_no_thread_running():
         with pytest.raises(runner.WorkerStopped, match="closed before this request finished"):
             running.result(timeout=30)
         # A thread of ours alive at interpreter exit could make torch abort the process.
-        assert [t.name for t in (client._reader, client._leases._thread) if t.is_alive()] == []
+        assert not client._reader.is_alive()
         assert server.call(sleep_for, 0) == 0
 
 
@@ -155,14 +200,16 @@ def test_kill_9_of_the_server_takes_the_worker_along_and_the_client_cleans_up():
     worker = runner.Worker(model="none", policy=POLICY)
     try:
         worker_pid = worker.status()["worker_pid"]
-        worker.call(big_tensor, 1 << 20)
+        kept = worker.call(big_tensor, 1 << 20)
         running = worker.submit(sleep_for, 60)
-        wait_until(lambda: shm.owned_by(worker_pid), what="the worker's segment")
+        wait_until(lambda: worker.status()["running"], what="the request to start")
         os.kill(worker.server_pid, signal.SIGKILL)
         with pytest.raises(runner.WorkerCrashed, match="lost the connection"):
             running.result(timeout=30)
-        wait_until(lambda: not shm.alive(worker_pid), what="the worker to die with its server")
-        wait_until(lambda: shm.owned_by(worker_pid) == [], what="the client to sweep the dead worker's segments")
+        wait_until(lambda: not os.path.exists(f"/proc/{worker_pid}/fd"), what="the worker to die with its server")
+        # Nobody had anything to sweep: the memfds died with their holders.
+        assert shm_names(worker_pid, worker.server_pid, os.getpid()) == []
+        assert torch.all(kept == 1)
         with pytest.raises(runner.WorkerCrashed):
             worker.call(sleep_for, 0)
     finally:
@@ -185,7 +232,7 @@ def test_a_request_past_its_timeout_kills_and_restarts_the_worker():
         assert worker.call(sleep_for, 0.1) == 0.1
         status = worker.status()
         assert status["restarts"] == 1 and status["worker_pid"] != old_pid
-        assert shm.owned_by(old_pid) == []
+        assert shm_names(old_pid) == []
 
 
 def test_memory_past_the_limit_kills_and_restarts_the_worker():
@@ -198,6 +245,15 @@ def test_memory_past_the_limit_kills_and_restarts_the_worker():
         assert worker.status()["restarts"] == 1
 
 
+def test_memfd_memory_counts_against_the_memory_limit():
+    limit = 512 << 20
+    with runner.Worker(model="none", policy=POLICY, memory_limit=limit) as worker:
+        assert worker.call(hold_memfd, 16 << 20, 0) == 16 << 20
+        with pytest.raises(runner.MemoryLimitExceeded, match="RSS and memfds .* past the memory limit of 512 MiB"):
+            worker.call(hold_memfd, limit, 30)
+        assert worker.status()["restarts"] == 1
+
+
 def test_several_client_processes_at_once(client_script):
     with runner.Worker(model="none", policy=POLICY) as worker:
         clients = [spawn_client(client_script, "many", worker.socket_path, 20) for _ in range(3)]
@@ -205,8 +261,7 @@ def test_several_client_processes_at_once(client_script):
             out, err = client.communicate(timeout=120)
             assert client.returncode == 0 and out.strip() == "ok", err
         assert worker.status()["served"] >= 60
-        for client in clients:
-            assert shm.owned_by(client.pid) == []
+        assert shm_names(*(client.pid for client in clients)) == []
 
 
 def test_queued_requests_are_taken_round_robin_across_clients():

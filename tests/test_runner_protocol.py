@@ -1,11 +1,11 @@
-"""The wire protocol and the shared-memory pool, driven over real sockets and real
-POSIX shared memory (no worker process: raw header bytes and frames)."""
+"""The wire protocol and the memfd transport, driven over real sockets and real memfds
+passed as descriptors (no worker process: raw header bytes and frames)."""
+import array
+import fcntl
+import mmap
 import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 
 import msgpack
@@ -13,83 +13,121 @@ import pytest
 
 from runner import shm
 from runner.errors import BadMessage, ProtocolError, ProtocolVersionError
-from runner.protocol import (GREETING_MAGIC, INLINE, MESSAGE_MAGIC, PROTOCOL_VERSION, SHARED, Connection,
+from runner.protocol import (GREETING_MAGIC, INLINE, MAX_FDS, MESSAGE_MAGIC, PROTOCOL_VERSION, SHARED, Connection,
                              ConnectionClosed, SharedRef)
 
 
-def ours():
-    return sorted(name for name in os.listdir(shm.SHM_DIR) if shm.owner_pid(name) == os.getpid())
+def open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+def memfd_mappings():
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if "/memfd:sourcebox" in line]
 
 
 @pytest.fixture
 def pair():
-    """Two connections over a socketpair: ``a`` sends with a pool, ``b`` maps segments."""
-    left, right = socket.socketpair()
-    pool, segments = shm.SegmentPool(), shm.SegmentMap()
+    """Two connections over a socketpair: ``a`` sends with a pool, ``b`` receives."""
+    before = open_fds()
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pool = shm.BufferPool()
     a = Connection(left, pool=pool, shm_threshold=1024)
-    b = Connection(right, segments=segments)
+    b = Connection(right)
     yield a, b
     a.close()
     b.close()
     pool.close()
-    segments.close()
-    assert ours() == []
+    assert open_fds() <= before  # every descriptor received or pooled was closed
 
 
 def raw_message(header: bytes, inline: bytes = b"", magic: bytes = MESSAGE_MAGIC) -> bytes:
     return struct.pack("<4sIQ", magic, len(header), len(inline)) + header + inline
 
 
-def test_small_frames_travel_inline_large_ones_through_shared_memory(pair):
+def send_with_fds(sock, data: bytes, fds):
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def test_small_frames_travel_inline_large_ones_in_a_passed_memfd(pair):
     a, b = pair
     small, large = b"header-bytes", os.urandom(200_000)
-    lease = a.send("request", 7, {"kind": "call"}, [small, large])
+    buffer = a.send("request", 7, {"kind": "call"}, [small, large])
     message = b.recv()
     assert (message.kind, message.id, message.meta) == ("request", 7, {"kind": "call"})
     assert bytes(message.frames[0]) == small and message.frames[0].readonly
-    assert bytes(message.frames[1]) == large and not message.frames[1].readonly
-    assert message.segments == {1: lease.name}
-    assert lease.name.startswith(f"sbx-{os.getpid()}-")
+    assert message.frames[1] == SharedRef(0, 0, len(large)) and len(message.fds) == 1
+    # The descriptor names the sender's memfd (same file), not a name anyone could open.
+    assert os.fstat(message.fds[0]).st_ino == os.fstat(buffer.fd).st_ino
+    assert os.readlink(f"/proc/self/fd/{message.fds[0]}").startswith("/memfd:sourcebox-request")
+    memory = shm.RequestMemory()
+    [view] = memory.views(message.shared(), message.fds)
+    assert bytes(view) == large and not view.readonly and message.fds == []
+    del view
+    memory.release()
+    a.pool.release(buffer)
 
 
-def test_receiver_writes_through_to_the_lent_segment(pair):
+def test_the_worker_lets_go_of_a_request_and_a_kept_view_becomes_a_private_copy(pair):
     a, b = pair
-    lease = a.send("reply", 1, {}, [bytes(4096)])
-    view = b.recv().frames[0]
-    view[:3] = b"abc"
-    assert bytes(lease.segment.view[:3]) == b"abc"
+    buffer = a.send("request", 1, {}, [b"s" * 4096, b"k" * 4096])
+    message = b.recv()
+    senders = memfd_mappings()  # the client's own pool
+    memory = shm.RequestMemory()
+    dropped, kept = memory.views(message.shared(), message.fds)
+    assert len(memfd_mappings()) == len(senders) + 1
+    del dropped
+    memory.release()
+    # A view user code kept still reads its bytes, from memory that is no longer the memfd.
+    assert bytes(kept) == b"k" * 4096 and memfd_mappings() == senders
+    kept[:1] = b"x"
+    assert bytes(buffer.view[4096:4097]) == b"k"
+    a.pool.release(buffer)
 
 
-def test_released_segments_are_reused_and_close_unlinks_them():
-    pool = shm.SegmentPool()
+def test_pooled_buffers_are_reused_and_idle_ones_beyond_the_cap_freed():
+    before = open_fds()
+    pool = shm.BufferPool(max_idle_bytes=shm.MIN_BUFFER_BYTES)
     first = pool.lease(10)
-    pool.release(first.name)
-    second = pool.lease(100_000)
-    assert second.name == first.name  # same segment, no new page faults
-    assert not pool.release("sbx-1-00000000-1")  # not ours: refused, not an error
-    assert ours() == [first.name]
+    pool.release(first)
+    assert pool.lease(100_000) is first  # same memfd, no new page faults
+    second = pool.lease(10)
+    pool.release(first)
+    pool.release(second)
+    assert pool.stats() == {"idle": 1, "leased": 0, "bytes": shm.MIN_BUFFER_BYTES}
     pool.close()
-    assert ours() == []
+    assert open_fds() <= before
 
 
-def test_idle_segments_beyond_the_cap_are_unlinked_and_reported():
-    pool = shm.SegmentPool(max_idle_bytes=shm.MIN_SEGMENT_BYTES)
-    leases = [pool.lease(10), pool.lease(10)]
-    for lease in leases:
-        pool.release(lease.name)
-    assert pool.stats()["idle"] == 1
-    assert len(pool.dropped()) == 1 and pool.dropped() == []
-    pool.close()
+def test_a_result_is_sealed_and_the_client_copy_cannot_be_changed_by_its_writer():
+    writer = shm.SealedWriter()
+    buffer = writer.lease(8192)
+    offset = buffer.put(memoryview(b"r" * 8192))
+    buffer.finish()
+    fd = os.dup(buffer.fd)  # what a worker that kept a handle would hold
+    [view] = shm.map_result([SharedRef(0, offset, 8192)], [os.dup(buffer.fd)])
+    writer.release(buffer)
+    with pytest.raises(PermissionError):
+        os.pwrite(fd, b"evil", 0)
+    with pytest.raises(PermissionError):
+        mmap.mmap(fd, 8192)  # a writable shared mapping is refused too
+    view[:4] = b"mine"  # the client's own copy-on-write pages
+    assert bytes(view[:5]) == b"miner" and os.pread(fd, 5, 0) == b"rrrrr"
+    os.close(fd)
 
 
-def test_segment_map_keeps_a_bounded_number_of_mappings():
-    pool, segments = shm.SegmentPool(), shm.SegmentMap(max_mapped=2)
-    leases = [pool.lease(10) for _ in range(3)]
-    for lease in leases:
-        segments.view(lease.name, 0, 10)
-    assert list(segments._segments) == [lease.name for lease in leases[1:]]
-    pool.close()
-    segments.close()
+def test_the_client_refuses_a_result_memfd_that_is_not_sealed():
+    fd = os.memfd_create("unsealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)
+    with pytest.raises(ValueError, match="lacks the seals"):
+        shm.map_result([SharedRef(0, 0, 10)], [os.dup(fd)])
+    r, w = os.pipe()
+    with pytest.raises(ValueError, match="not a sealable memfd"):
+        shm.map_result([SharedRef(0, 0, 10)], [r])
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, shm.RESULT_SEALS)
+    with pytest.raises(ValueError, match="runs past the end"):
+        shm.map_result([SharedRef(0, 4000, 200)], [fd])
+    os.close(w)
 
 
 def test_version_mismatch_is_refused_by_both_sides_naming_both_versions():
@@ -143,9 +181,9 @@ def test_broken_framing_ends_the_connection(pair, wire, message):
     (msgpack.packb({"k": "x", "i": 3, "m": {}, "f": [[INLINE, 99]]}), b"abc", "must fit"),
     (msgpack.packb({"k": "x", "i": 3, "m": {}, "f": [[INLINE, 1]]}), b"abc", "account for 1 inline bytes"),
     (msgpack.packb({"k": "x", "i": 3, "m": {}, "f": [[9]]}), b"", "unknown tag"),
-    (msgpack.packb({"k": "x", "i": 3, "m": {}, "f": [[SHARED, "../../etc/passwd", 0, 1]]}), b"",
-     "not a sourcebox shared-memory segment"),
-    (msgpack.packb({"k": "x", "i": 3, "m": {}, "f": [[SHARED, "sbx-1-0000abcd-9", 0, 1]]}), b"", "does not exist"),
+    (msgpack.packb({"k": "x", "i": 3, "m": {}, "f": [[SHARED, "/dev/shm/x", 0, 1]]}), b"", "fd index"),
+    (msgpack.packb({"k": "x", "i": 3, "m": {}, "f": [[SHARED, 0, 0, 1]]}), b"",
+     r"carries 0 file descriptor\(s\) but its frames use \[0\]"),
 ])
 def test_a_bad_message_fails_alone_and_the_stream_stays_in_step(pair, header, inline, message):
     a, b = pair
@@ -157,24 +195,68 @@ def test_a_bad_message_fails_alone_and_the_stream_stays_in_step(pair, header, in
     assert (follow_up.kind, follow_up.id, bytes(follow_up.frames[0])) == ("after", 11, b"still fine")
 
 
-def test_a_frame_reaching_past_its_segment_is_refused(pair):
+def test_descriptors_a_message_does_not_use_are_refused_and_closed(pair):
     a, b = pair
-    lease = a.send("x", 1, {}, [bytes(2048)])
-    a.sock.sendall(raw_message(msgpack.packb({"k": "x", "i": 2, "m": {}, "f": [[SHARED, lease.name, 0, 1 << 30]]})))
-    b.recv()
-    with pytest.raises(BadMessage, match="runs past the end of segment"):
+    before = open_fds()
+    fd = os.memfd_create("stray", os.MFD_CLOEXEC)
+    send_with_fds(a.sock, raw_message(msgpack.packb({"k": "x", "i": 2, "m": {}, "f": []})), [fd])
+    os.close(fd)
+    a.send("after", 3, {}, [b"ok"])
+    with pytest.raises(BadMessage, match=r"carries 1 file descriptor\(s\) but its frames use \[\]"):
         b.recv()
+    assert b.recv().id == 3 and open_fds() <= before
 
 
-def test_references_pass_through_a_connection_that_maps_nothing():
-    left, right = socket.socketpair()
-    a, b = Connection(left), Connection(right)
-    a.send("x", 1, {}, [SharedRef("sbx-5-0000abcd-1", 64, 10), b"abc"])
+def test_more_descriptors_than_allowed_are_refused_and_none_kept(pair):
+    a, b = pair
+    before = open_fds()
+    fds = [os.memfd_create("many", os.MFD_CLOEXEC) for _ in range(MAX_FDS + 2)]
+    header = msgpack.packb({"k": "x", "i": 2, "m": {}, "f": [[SHARED, i, 0, 1] for i in range(MAX_FDS + 2)]})
+    send_with_fds(a.sock, raw_message(header), fds)
+    for fd in fds:
+        os.close(fd)
+    with pytest.raises(BadMessage, match="more than the 8 file descriptors"):
+        b.recv()
+    a.send("after", 3, {}, [b"ok"])
+    assert b.recv().id == 3 and open_fds() <= before
+
+
+def test_a_frame_reaching_past_its_memfd_is_refused(pair):
+    a, b = pair
+    buffer = a.send("x", 1, {}, [bytes(2048)])
+    b.recv().close()
+    send_with_fds(a.sock, raw_message(msgpack.packb({"k": "x", "i": 2, "m": {}, "f": [[SHARED, 0, 0, 1 << 30]]})),
+                  [buffer.fd])
     message = b.recv()
-    assert message.frames[0] == SharedRef("sbx-5-0000abcd-1", 64, 10) and bytes(message.frames[1]) == b"abc"
-    assert message.segments == {0: "sbx-5-0000abcd-1"}
-    a.close()
-    b.close()
+    with pytest.raises(ValueError, match="runs past the end of its memfd"):
+        shm.RequestMemory().views(message.shared(), message.fds)
+    a.pool.release(buffer)
+
+
+def test_descriptors_pass_through_a_forwarding_connection_unmapped():
+    before = open_fds()
+    pool = shm.BufferPool()
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    client, inbound = Connection(pairs[0][0], pool=pool, shm_threshold=1024), Connection(pairs[0][1])
+    outbound, worker = Connection(pairs[1][0]), Connection(pairs[1][1])
+    payload = os.urandom(10_000)
+    buffer = client.send("request", 1, {}, [b"abc", payload])
+    senders = memfd_mappings()
+    forwarded = inbound.recv()
+    assert memfd_mappings() == senders  # the forwarder maps nothing
+    outbound.send("request", 9, {}, forwarded.frames, forwarded.fds)
+    forwarded.close()
+    received = worker.recv()
+    memory = shm.RequestMemory()
+    [view] = memory.views(received.shared(), received.fds)
+    assert bytes(received.frames[0]) == b"abc" and bytes(view) == payload
+    del view
+    memory.release()
+    pool.release(buffer)
+    pool.close()
+    for conn in (client, inbound, outbound, worker):
+        conn.close()
+    assert open_fds() <= before
 
 
 def test_detach_copies_inline_frames_out_of_the_reused_buffer(pair):
@@ -197,23 +279,3 @@ def test_clean_end_of_stream_is_distinguished_from_a_cut_message(pair):
     with pytest.raises(ConnectionClosed):
         Connection(right).recv()
     right.close()
-
-
-def test_segments_of_a_killed_owner_are_swept_by_a_survivor(tmp_path):
-    script = tmp_path / "owner.py"
-    script.write_text(
-        "import sys, time\n"
-        "from runner import shm\n"
-        "pool = shm.SegmentPool()\n"
-        "print(pool.lease(10).name, flush=True)\n"
-        "time.sleep(60)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
-    name = owner.stdout.readline().strip()
-    assert shm.owned_by(owner.pid) == [name]
-    assert name not in shm.sweep_orphans()  # alive: not touched
-    owner.send_signal(signal.SIGKILL)
-    owner.wait()
-    owner.stdout.close()
-    assert name in shm.sweep_orphans()
-    assert shm.owned_by(owner.pid) == []

@@ -19,7 +19,6 @@ import torch
 
 import runner
 from runner_support import raw_client
-from runner import shm
 from runner.protocol import GREETING_MAGIC, MESSAGE_MAGIC, PROTOCOL_VERSION
 
 POLICY = "nnsight-local"
@@ -29,7 +28,21 @@ POLICY = "nnsight-local"
 def worker():
     with runner.Worker(model="none", policy=POLICY) as worker:
         yield worker
-    assert shm.owned_by(worker.info["worker_pid"]) == []
+
+
+def memfd_mappings(pid):
+    with open(f"/proc/{pid}/maps") as maps:
+        return [line for line in maps if "/memfd:sourcebox" in line]
+
+
+def memfd_descriptors(pid):
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return [link for link in links if link.startswith("/memfd:sourcebox")]
 
 
 @pytest.fixture(scope="module")
@@ -112,20 +125,30 @@ def test_tensors_round_trip_exactly(worker, elements):
     assert torch.equal(worker.call(inplace_add_one, tensor.clone()), tensor + 1)
 
 
-def test_large_results_are_views_of_the_workers_segment_until_dropped(worker):
-    worker_pid = worker.info["worker_pid"]
+@pytest.mark.parametrize("mib", [64, 256])
+def test_large_tensors_round_trip_exactly_through_memfds(worker, mib):
+    tensor = torch.empty((mib << 20) // 4).uniform_(generator=torch.Generator().manual_seed(mib))
+    back = worker.call(identity, tensor)
+    assert torch.equal(back, tensor) and back.data_ptr() != tensor.data_ptr()
+
+
+def test_large_results_are_private_copy_on_write_mappings_held_by_the_client_alone(worker):
+    status = worker.status()
+    ours = memfd_mappings(os.getpid())
     result = worker.call(filled, 1 << 20, 0)
     assert torch.count_nonzero(result) == 0
-    before = shm.owned_by(worker_pid)
-    assert before, "a 4 MiB result travels through the worker's shared memory"
-    # While we hold the result its segment is ours; later large results use another.
+    [mapped] = [line for line in memfd_mappings(os.getpid()) if line not in ours]
+    assert "sourcebox-result" in mapped and " rw-p " in mapped
+    # The worker and the server let go of it right after sending it on.
+    deadline = time.monotonic() + 10
+    while any(memfd_mappings(pid) or memfd_descriptors(pid) for pid in (status["worker_pid"], status["server_pid"])):
+        assert time.monotonic() < deadline, "the worker or the server still holds the result's memfd"
+        time.sleep(0.01)
+    result += 2  # ours to change: copy-on-write pages, nobody else sees them
     second = worker.call(filled, 1 << 20, 1)
-    assert torch.count_nonzero(result) == 0 and torch.all(second == 1)
+    assert torch.all(result == 2) and torch.all(second == 1)
     del result, second
-    # Both segments went back, so repeated calls reuse them instead of growing the pool.
-    for _ in range(5):
-        worker.call(filled, 1 << 20, 1)
-    assert len(shm.owned_by(worker_pid)) <= len(before) + 1
+    assert memfd_mappings(os.getpid()) == ours  # unmapped with the last view
 
 
 def test_user_module_travels_as_source_and_errors_point_at_its_lines(worker, userlib):
@@ -218,7 +241,8 @@ def test_status_and_stop_from_the_command_line(tmp_path):
         assert stopped.returncode == 0, stopped.stderr
         assert server.wait(timeout=30) == 0
         assert not os.path.exists(socket_path)
-        assert shm.owned_by(status["worker_pid"]) == [] and shm.owned_by(server.pid) == []
+        assert not [name for name in os.listdir("/dev/shm")
+                    if {str(status["worker_pid"]), str(server.pid)} & set(name.split("-"))]
     finally:
         if server.poll() is None:
             server.kill()
@@ -243,7 +267,7 @@ def test_malformed_header_fails_that_request_only(worker):
     ({"kind": "call"}, [b"\x93\x01\x02\x03"], "not a sourcebox bundle"),
     ({"kind": 3}, [b""], "must be a string"),
     ({"kind": "call", "timeout": -1}, [b""], "positive number"),
-    ({"kind": "call"}, [runner.protocol.SharedRef("sbx-1-0000abcd-1", 0, 8)], "not this client's"),
+    ({"kind": "call"}, [runner.protocol.SharedRef(0, 0, 8)], "file descriptor(s) but its frames use [0]"),
 ])
 def test_hostile_requests_are_refused_with_a_clear_error(worker, meta, frames, message):
     conn = raw_client(worker, timeout=10)
@@ -251,6 +275,23 @@ def test_hostile_requests_are_refused_with_a_clear_error(worker, meta, frames, m
     reply = conn.recv()
     assert reply.kind == "error" and reply.id == 9
     assert message in reply.meta["error"]["message"]
+    conn.close()
+    assert worker.call(add, 2, b=2) == 4
+
+
+def test_only_memfds_sealed_against_shrinking_reach_the_worker(worker):
+    unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC)  # shrinking it would SIGBUS the worker
+    os.ftruncate(unsealed, 4096)
+    left, right = socket.socketpair()  # a socket would give user code a channel out of the sandbox
+    conn = raw_client(worker, timeout=10)
+    for fd, why in ((unsealed, "file descriptor 0 lacks the seals it must carry"),
+                    (left.fileno(), "file descriptor 0 is not a sealable memfd")):
+        conn.send("request", 9, {"kind": "call"}, [b"\x93", runner.protocol.SharedRef(0, 0, 8)], [fd])
+        reply = conn.recv()
+        assert reply.kind == "error" and "bad request: " + why in reply.meta["error"]["message"]
+    os.close(unsealed)
+    left.close()
+    right.close()
     conn.close()
     assert worker.call(add, 2, b=2) == 4
 

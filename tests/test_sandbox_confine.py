@@ -168,9 +168,8 @@ def test_os_layers_block_by_effect_and_keep_the_worker_working(tmp_path):
                 os._exit(0)
             return os.waitpid(pid, 0)
 
-        def shared_memory():
-            name = "/sourcebox-test-" + str(os.getpid())
-            fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        def shared_memory():  # what the runner's transport uses: an anonymous memfd
+            fd = os.memfd_create("sourcebox-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 os.ftruncate(fd, 1 << 20)
                 with mmap.mmap(fd, 1 << 20) as view:
@@ -178,7 +177,10 @@ def test_os_layers_block_by_effect_and_keep_the_worker_working(tmp_path):
                     return bytes(view[:5])
             finally:
                 os.close(fd)
-                _posixshmem.shm_unlink(name)
+
+        def named_shared_memory():  # a name in /dev/shm, which any process could open
+            fd = _posixshmem.shm_open("/sourcebox-test-" + str(os.getpid()), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            os.close(fd)
 
         def pair():
             left, right = socket.socketpair()
@@ -206,6 +208,7 @@ def test_os_layers_block_by_effect_and_keep_the_worker_working(tmp_path):
             "unix_connect": attempt(lambda: socket.socket(socket.AF_UNIX).connect({transport_path!r})),
             "socketpair": attempt(pair),
             "shared_memory": attempt(shared_memory),
+            "named_shared_memory": attempt(named_shared_memory),
             "matmul": (torch.randn(128, 128) @ torch.eye(128)).shape[0],
             "thread_matmul": attempt(thread_matmul),
             "echoed": echoed.decode(),
@@ -222,7 +225,8 @@ def test_os_layers_block_by_effect_and_keep_the_worker_working(tmp_path):
 
     assert message == b"hello from the confined worker" and result["echoed"] == message.decode()
     assert result["confined"] is True
-    for blocked in ("write_outside", "read_secret", "write_model", "exec", "fork", "tcp", "unix_connect"):
+    for blocked in ("write_outside", "read_secret", "write_model", "exec", "fork", "tcp", "unix_connect",
+                    "named_shared_memory"):
         assert result[blocked].startswith("blocked"), (blocked, result[blocked])
     for allowed in ("read_model", "write_scratch", "socketpair", "shared_memory", "thread_matmul"):
         assert result[allowed].startswith("allowed"), (allowed, result[allowed])
