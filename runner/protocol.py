@@ -35,7 +35,8 @@ from .errors import BadMessage, ProtocolError, ProtocolVersionError
 from .shm import Lease, SegmentMap, SegmentPool, aligned
 
 # 2: per-source-segment dedup (``miss`` lists source digests); no cached-frame descriptor.
-PROTOCOL_VERSION = 2
+# 3: the server proves its secret (``hello`` nonce, ``welcome`` nonce + proof, ``auth``).
+PROTOCOL_VERSION = 3
 GREETING_MAGIC = b"SBXRUN\r\n"
 _GREETING = struct.Struct("<8sI")
 MESSAGE_MAGIC = b"SBXM"
