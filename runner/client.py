@@ -308,7 +308,7 @@ class Worker:
             with self._lock:
                 self._pending.pop(request_id, None)
             if isinstance(exc, OSError):
-                raise WorkerCrashed(f"lost the connection to the worker server at {self.socket_path}: {exc}") from None
+                raise self._send_failed(exc) from None
             raise
         if lease is not None:
             # The reply may already have been read: then the segment is free right away.
@@ -328,8 +328,21 @@ class Worker:
             if self._lost:
                 raise WorkerCrashed(self._lost)
             self._pending[request_id] = entry
-        self._conn.send(kind, request_id)
+        try:
+            self._conn.send(kind, request_id)
+        except OSError as exc:
+            with self._lock:
+                self._pending.pop(request_id, None)
+            raise self._send_failed(exc) from None
         return entry.future.result()
+
+    def _send_failed(self, exc: OSError) -> WorkerCrashed:
+        """The error for a send the server did not take; the next call recovers (the
+        reader may not have seen the connection drop yet)."""
+        reason = f"lost the connection to the worker server at {self.socket_path}: {exc}"
+        with self._lock:
+            self._lost = self._lost or reason
+        return WorkerCrashed(reason)
 
     def status(self) -> dict:
         """The server's state: pids, model, device, policy, queue, restarts, memory..."""
