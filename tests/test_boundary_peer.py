@@ -76,6 +76,45 @@ FAKE_SERVER = textwrap.dedent('''\
             break
     ''')
 
+# A man in the middle: it took the path over from a real server (holding connections to
+# it opened before) and relays bytes both ways, printing what clients send.
+RELAY = textwrap.dedent('''\
+    import os, socket, sys, threading
+
+    path = sys.argv[1]
+    backends = []
+    for _ in range(3):
+        backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        backend.connect(path)
+        backends.append(backend)
+    os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    print("listening", flush=True)
+
+
+    def pump(source, sink, show):
+        while True:
+            data = source.recv(1 << 16)
+            if not data:
+                break
+            if show:
+                print("client sent", data, flush=True)
+            sink.sendall(data)
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+    for backend in backends:
+        client, _ = listener.accept()
+        threading.Thread(target=pump, args=(backend, client, False), daemon=True).start()
+        pump(client, backend, True)
+    ''')
+
 CLIENT = textwrap.dedent('''\
     import socket, struct, sys
 
@@ -279,6 +318,30 @@ def test_a_process_that_took_over_the_socket_path_cannot_prove_the_secret(fake_s
     finally:
         stop_server(server)
     assert "greeted" in out  # it was reached either way
+    assert (CANARY in out) == (check != "on")
+
+
+@pytest.mark.parametrize("check", ["on", "off (control)"])
+def test_a_relay_of_the_real_servers_proof_is_refused(tmp_path, private_dir, check, monkeypatch):
+    relay_script = tmp_path / "relay.py"
+    relay_script.write_text(RELAY)
+    path = os.path.join(private_dir, "worker.sock")
+    server = serve(path)
+    try:
+        relay = start_fake(relay_script, path, "relay")
+        try:
+            if check == "on":
+                # The proof is the real server's, but made for the relay's pid, not ours.
+                with pytest.raises(runner.PeerAuthError, match="could not prove it holds the secret"):
+                    runner.Worker(socket=path, policy=POLICY)
+            else:
+                monkeypatch.setattr(auth, "_SKIP_PEER_CHECKS_FOR_TESTS", True)
+                with runner.Worker(socket=path, policy=POLICY) as worker:
+                    assert worker.call(users_secret_function) == CANARY  # served, through the relay
+        finally:
+            out = fake_output(relay, talked_to=False)
+    finally:
+        stop_server(server)
     assert (CANARY in out) == (check != "on")
 
 
