@@ -5,11 +5,11 @@ import argparse
 import json
 import os
 import re
-import socket
 import sys
 import time
 
-from .errors import ProtocolError
+from . import auth
+from .errors import RunnerError
 from .protocol import DEFAULT_SHM_THRESHOLD, Connection
 
 DEFAULT_POLICY = "default"
@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--handlers", default="", help="comma-separated modules that register request kinds")
     serve.add_argument("--start-timeout", type=float, default=600.0, help="seconds the worker may take to start")
     serve.add_argument("--owner", type=int, default=None, help="stop when this process exits")
+    serve.add_argument("--secret-fd", type=int, default=None,
+                       help="read the server's secret from this inherited pipe (how runner.Worker starts "
+                            "a server); without it the server makes one and writes it to SOCKET.secret")
+    serve.add_argument("--test-only-trust-worker-channel", action="store_true", help=argparse.SUPPRESS)
     for name, text in (("status", "print a worker server's status"), ("stop", "stop a worker server")):
         command = commands.add_parser(name, help=text)
         command.add_argument("socket", help="the server's socket path")
@@ -56,30 +60,40 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from .supervisor import Supervisor
 
+    secret = None
+    if args.secret_fd is not None:
+        with os.fdopen(args.secret_fd, "rb") as pipe:
+            secret = pipe.read(auth.SECRET_BYTES + 1)
+        if len(secret) != auth.SECRET_BYTES:
+            raise RuntimeError(f"--secret-fd {args.secret_fd} gave {len(secret)} bytes, not a "
+                               f"{auth.SECRET_BYTES}-byte secret")
     supervisor = Supervisor(
         args.socket, model=args.model, device=args.device, policy=args.policy, confine=args.confine,
         timeout=args.timeout, memory_limit=args.memory_limit, shm_threshold=args.shm_threshold,
         handlers=tuple(name for name in args.handlers.split(",") if name), start_timeout=args.start_timeout,
-        owner_pid=args.owner,
+        owner_pid=args.owner, secret=secret, trust_worker_channel=args.test_only_trust_worker_channel,
     )
     return supervisor.serve()
 
 
 def _ask(path: str, kind: str) -> dict:
-    """One control message to the server at ``path``: its answer's metadata."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """One control message to the server at ``path``: its answer's metadata. The server is
+    checked first, as ``runner.Worker`` checks it (its secret file, else uid and directory)."""
+    path = os.path.abspath(path)
     try:
-        sock.connect(path)
-    except OSError as exc:
+        sock, secret = auth.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError) as exc:
         raise SystemExit(f"no worker server at {path}: {exc}") from None
     conn = Connection(sock)
     try:
         conn.greet(peer=f"the worker server at {path}")
-        # A pool token is part of the hello; this client shares no memory, so any will do.
-        conn.send("hello", 0, {"token": os.urandom(4).hex()})
-        conn.recv()
+        auth.client_handshake(conn, path, secret)
         conn.send(kind, 1)
-        return conn.recv().meta
+        answer = conn.recv()
+        if answer.kind == "error":
+            error = answer.meta.get("error")
+            raise RunnerError(error.get("message") if isinstance(error, dict) else f"{kind} was refused")
+        return answer.meta
     finally:
         conn.close()
 
@@ -103,6 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.05)
         print(f"stopped the worker server at {args.socket}")
         return 0
-    except (ProtocolError, RuntimeError) as exc:
+    except (RunnerError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ import capture
 import msgpack
 import sandbox
 
-from . import errors, shm
+from . import auth, errors, shm
 from .errors import ProtocolError, WorkerCrashed, WorkerStartError, describe_exit, rebuild
 from .handlers import MODEL, MODEL_TOKEN
 from .protocol import DEFAULT_SHM_THRESHOLD, Connection, SharedRef
@@ -37,6 +37,8 @@ from .supervisor import PACKAGE_ROOT
 
 _OUTPUT_TAIL_LINES = 30
 _HANDSHAKE_SECONDS = 30.0
+# How long a Worker connected to someone else's server waits for it to come back.
+DEFAULT_RECONNECT_SECONDS = 30.0
 
 
 def _model_token(obj: Any) -> str | None:
@@ -108,17 +110,29 @@ class Worker:
     restarted. ``memory_limit``: bytes of RSS (and of CUDA memory) past which the worker
     is killed and restarted. ``confine``: ``"best-effort"``, ``"required"`` or ``"off"``.
     The server-side settings apply only when this ``Worker`` starts the server.
+
+    The server is authenticated before any request goes out (docs/RUNNER.md,
+    "Authentication"). When the connection is lost, the call then running fails with
+    ``WorkerCrashed`` and the next call recovers: a server this ``Worker`` started is
+    started again (with a new secret); someone else's is reconnected to, waiting for it
+    to come back for up to ``reconnect`` seconds.
     """
 
     def __init__(self, model: str = "tiny-gpt2", policy: Any = None, socket: str | None = None,
                  device: str = "auto", timeout: float | None = None, memory_limit: int | None = None,
                  confine: str = "best-effort", *, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
-                 start_timeout: float = 600.0, handlers: tuple[str, ...] = ()):
+                 start_timeout: float = 600.0, handlers: tuple[str, ...] = (),
+                 reconnect: float = DEFAULT_RECONNECT_SECONDS):
         self.shm_threshold = shm_threshold
+        self.reconnect = reconnect
         self.timeout = timeout
         self._server: subprocess.Popen | None = None
         self._server_output: collections.deque = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
         self._own_dir: str | None = None
+        self._secret: bytes | None = None   # of the server this Worker started
+        #: Whether the server took this client as its owner (it proved the secret).
+        self.owner = False
+        self._recovering = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         # Source digests the worker's store held after our last replies from it, and
         # the id of that store (a restarted worker has a new, empty one).
@@ -139,8 +153,9 @@ class Worker:
                 self._own_dir = tempfile.mkdtemp(prefix="sourcebox-")
                 socket = os.path.join(self._own_dir, "worker.sock")
             self.socket_path = os.path.abspath(socket)
-            self._start_server(model, policy, device, timeout, memory_limit, confine, shm_threshold,
-                               start_timeout, handlers)
+            self._start_args = (model, policy, device, timeout, memory_limit, confine, shm_threshold,
+                                start_timeout, handlers)
+            self._start_server(*self._start_args)
         self.policy = None
         try:
             self._connect()
@@ -167,8 +182,18 @@ class Worker:
             argv += ["--handlers", ",".join(handlers)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), PACKAGE_ROOT]))
-        self._server = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
+        # The secret travels through a pipe the server reads once: not in argv or the
+        # environment, where other processes could read it.
+        self._secret = auth.new_secret()
+        secret_in, secret_out = os.pipe()
+        try:
+            os.write(secret_out, self._secret)
+            os.close(secret_out)
+            argv += ["--secret-fd", str(secret_in)]
+            self._server = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE, pass_fds=(secret_in,))
+        finally:
+            os.close(secret_in)
         self._server_pump = threading.Thread(target=self._pump_server_output, daemon=True, name="server-output")
         self._server_pump.start()
         deadline = time.monotonic() + 60
@@ -192,18 +217,15 @@ class Worker:
                 pass  # our own stderr is gone (interpreter shutdown); keep the tail
 
     def _connect(self) -> None:
-        sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
-        sock.connect(self.socket_path)
+        # The server is checked before anything is sent (auth.py): by its secret, or by uid
+        # and directory where this client holds none.
+        sock, secret = auth.connect(self.socket_path, self._secret)
         sock.settimeout(_HANDSHAKE_SECONDS)  # something listening there may not be a runner
         self._pool = shm.BufferPool()
         self._conn = Connection(sock, pool=self._pool, shm_threshold=self.shm_threshold)
         self._conn.greet(peer=f"the worker server at {self.socket_path}")
-        self._conn.send("hello", 0)
-        welcome = self._conn.recv()
-        welcome.close()
-        if welcome.kind != "welcome":
-            raise ProtocolError(f"expected a welcome from {self.socket_path}, got {welcome.kind!r}")
-        self.server_pid = welcome.meta["server_pid"]
+        welcome, self.owner = auth.client_handshake(self._conn, self.socket_path, secret)
+        self.server_pid = welcome["server_pid"]
         sock.settimeout(None)
         self._reader = threading.Thread(target=self._read_replies, daemon=True, name="worker-replies")
         self._reader.start()
@@ -248,6 +270,7 @@ class Worker:
                 data: bytes | None = None) -> concurrent.futures.Future:
         """Send a request given as an ``encode`` function (frames form) or as bundle
         bytes (``data``, bytes form: the reply is outcome bytes)."""
+        self._recover_if_lost()
         form = "frames" if data is None else "bytes"
         meta = {"kind": kind, "form": form, "reply": form}
         if timeout is not None:
@@ -282,7 +305,7 @@ class Worker:
             with self._lock:
                 self._pending.pop(request_id, None)
             if isinstance(exc, OSError):
-                raise WorkerCrashed(f"lost the connection to the worker server at {self.socket_path}: {exc}") from None
+                raise self._send_failed(exc) from None
             raise
         if lease is not None:
             # The reply may already have been read: then the buffer is free right away.
@@ -295,14 +318,28 @@ class Worker:
             self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
 
     def _control(self, kind: str) -> dict:
+        self._recover_if_lost()
         entry = _Pending(concurrent.futures.Future(), {}, [])
         request_id = next(self._ids)
         with self._lock:
             if self._lost:
                 raise WorkerCrashed(self._lost)
             self._pending[request_id] = entry
-        self._conn.send(kind, request_id)
+        try:
+            self._conn.send(kind, request_id)
+        except OSError as exc:
+            with self._lock:
+                self._pending.pop(request_id, None)
+            raise self._send_failed(exc) from None
         return entry.future.result()
+
+    def _send_failed(self, exc: OSError) -> WorkerCrashed:
+        """The error for a send the server did not take; the next call recovers (the
+        reader may not have seen the connection drop yet)."""
+        reason = f"lost the connection to the worker server at {self.socket_path}: {exc}"
+        with self._lock:
+            self._lost = self._lost or reason
+        return WorkerCrashed(reason)
 
     def status(self) -> dict:
         """The server's state: pids, model, device, policy, queue, restarts, memory..."""
@@ -442,6 +479,71 @@ class Worker:
                 errors.WorkerStopped("the Worker was closed before this request finished") if self._closed
                 else WorkerCrashed(reason, returncode, "".join(self._server_output).rstrip()))
 
+    # -- recovery ----------------------------------------------------------------------
+    def _recover_if_lost(self) -> None:
+        """After the connection was lost: start a new server if this Worker started the
+        last one, else reconnect to the socket once a server listens there again (for up
+        to ``self.reconnect`` seconds). One thread recovers; the others wait for it."""
+        if not self._lost or self._closed:
+            return
+        with self._recovering:
+            if not self._lost or self._closed:
+                return
+            self._drop_connection()
+            try:
+                if self._server is not None:
+                    self._restart_server()
+                else:
+                    self._reconnect()
+                self.info = self._control("wait_ready")
+            except BaseException:
+                if not self._lost:  # connected, but not ready: leave it for the next call
+                    self._lost = f"the worker server at {self.socket_path} did not become ready"
+                raise
+
+    def _drop_connection(self) -> None:
+        """Let go of a lost connection and what belonged to it. Result tensors still
+        viewing the old worker's memory stay valid (mappings outlive their close)."""
+        self._conn.close()
+        if self._reader is not threading.current_thread():
+            self._reader.join(timeout=10)
+        self._pool.close()
+        self._known.clear()
+        self._store_id = None
+
+    def _restart_server(self) -> None:
+        server = self._server
+        if server.poll() is None:  # it dropped us but lives on: it is no longer ours to trust
+            server.kill()
+        server.wait()
+        self._server_pump.join(timeout=5)
+        server.stderr.close()
+        if self._own_dir is not None and not os.path.isdir(self._own_dir):
+            # The old server removed its directory on its way out: make a fresh one.
+            self._own_dir = tempfile.mkdtemp(prefix="sourcebox-")
+            self.socket_path = os.path.join(self._own_dir, "worker.sock")
+        self._server_output.clear()
+        self._start_server(*self._start_args)  # a new secret too
+        self._connect()
+        self._lost = None
+
+    def _reconnect(self) -> None:
+        deadline = time.monotonic() + self.reconnect
+        pause = 0.05
+        while True:
+            try:
+                self._connect()
+                break
+            except (ConnectionRefusedError, FileNotFoundError) as exc:
+                if time.monotonic() + pause > deadline:
+                    raise WorkerCrashed(
+                        f"the worker server at {self.socket_path} is gone and did not come back within "
+                        f"{self.reconnect:g}s ({exc.strerror}); start it again (python -m runner serve "
+                        f"--socket {self.socket_path}) and call again") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+        self._lost = None
+
     # -- lifetime ----------------------------------------------------------------------
     def close(self) -> None:
         """Disconnect; stop the server too if this ``Worker`` started it. Requests still
@@ -450,7 +552,7 @@ class Worker:
             return
         self._closed = True
         conn = getattr(self, "_conn", None)
-        if self._server is not None and conn is not None and self._server.poll() is None:
+        if self._server is not None and conn is not None and self.owner and self._server.poll() is None:
             try:
                 conn.send("stop", 0)
                 self._server.wait(timeout=30)

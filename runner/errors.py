@@ -37,6 +37,11 @@ class ProtocolVersionError(ProtocolError):
     """The two sides speak different protocol versions."""
 
 
+class PeerAuthError(ProtocolError):
+    """The process on the socket is not a server this client may trust (docs/RUNNER.md,
+    "Authentication"); nothing of a request was sent to it."""
+
+
 class WorkerStartError(RunnerError):
     """The worker could not be started (bad model spec, policy, device, confinement...)."""
 

@@ -39,7 +39,8 @@ from .errors import BadMessage, ProtocolError, ProtocolVersionError
 from .shm import aligned
 
 # 2: per-source-segment dedup (``miss`` lists source digests); no cached-frame descriptor.
-# 3: large frames in memfds passed as descriptors (SCM_RIGHTS), not named segments.
+# 3: large frames in memfds passed as descriptors (SCM_RIGHTS), not named segments; the
+#    server proves its secret (``hello`` nonce, ``welcome`` nonce + proof, ``auth``).
 PROTOCOL_VERSION = 3
 GREETING_MAGIC = b"SBXRUN\r\n"
 _GREETING = struct.Struct("<8sI")

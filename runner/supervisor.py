@@ -12,12 +12,18 @@ running. It
 - forwards requests and replies (``miss`` answers too: repeated code is deduplicated
   between the client and the worker's source store). Large frames are not touched: their
   memfd descriptors pass through unmapped, and the supervisor closes its copies once
-  forwarded (or when their sender or receiver is gone), so it holds no one's memory.
+  answered (or when their sender or receiver is gone), so it holds no one's memory;
+- proves its secret to every client and takes ``stop`` only from its owner (``auth``);
+- trusts nothing on the worker's channel, where user code can write: each message must
+  arrive whole within ``_CHANNEL_READ_SECONDS`` and answer the request being run (its
+  random id, an answer's kind), or the worker is killed as compromised.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
+import hmac
 import itertools
 import os
 import select
@@ -34,6 +40,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from . import auth
 from . import errors
 from . import shm
 from .errors import BadMessage, ProtocolError, ProtocolVersionError, describe_exit, failure
@@ -49,6 +56,11 @@ _STOP_GRACE = 10.0
 _CLIENT_SEND_TIMEOUT = 30.0
 _TAIL_LINES = 30
 _RESTART_ATTEMPTS = 3
+# A message the worker has begun must be whole within this (1 GiB inline at 200 MB/s):
+# user code can write part of one on the channel and stop.
+_CHANNEL_READ_SECONDS = 5.0
+# What answers what on the worker's channel.
+_ANSWERS = {"request": ("reply", "error", "miss"), "ping": ("pong",), "start": ("ready", "failed")}
 
 
 @dataclass(eq=False)
@@ -58,6 +70,9 @@ class ClientSession:
     pid: int
     queue: collections.deque = field(default_factory=collections.deque)
     alive: bool = True
+    nonces: tuple = (b"", b"")  # the client's and ours, from the hello and the welcome
+    owner: bool = False         # it proved it holds the server's secret
+    rerun: set = field(default_factory=set)  # ids of its requests already run a second time
 
 
 @dataclass(eq=False)
@@ -70,6 +85,7 @@ class WorkerHandle:
     pump: threading.Thread | None = None
     gpu_bytes: int | None = None
     last_ping: float = 0.0
+    watch: "_ChannelDeadline | None" = None
 
     @property
     def pid(self) -> int:
@@ -80,12 +96,59 @@ class WorkerHandle:
 
 
 class _WorkerLost(Exception):
-    """The worker died or was killed; ``category`` and ``reason`` say how."""
+    """The worker died or was killed; ``category`` and ``reason`` say how. ``rerun``: the
+    request running then is not to blame and runs again, once, on the next worker."""
 
-    def __init__(self, category: str, reason: str):
+    def __init__(self, category: str, reason: str, *, rerun: bool = False):
         super().__init__(reason)
         self.category = category
         self.reason = reason
+        self.rerun = rerun
+
+
+class _ChannelDeadline:
+    """Bounds blocking reads of the worker's channel without touching how they read: past
+    the deadline the channel is shut down under the read, which then ends like a dead
+    worker's, and ``tripped`` says why. One thread per worker."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._closed = False
+        self.tripped = False
+        threading.Thread(target=self._run, daemon=True, name="channel-deadline").start()
+
+    @contextlib.contextmanager
+    def bound(self, seconds: float):
+        with self._cond:
+            self._deadline = time.monotonic() + seconds
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._deadline = None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                if self._deadline is None:
+                    self._cond.wait()
+                elif time.monotonic() < self._deadline:
+                    self._cond.wait(self._deadline - time.monotonic())
+                else:
+                    self.tripped = True
+                    self._deadline = None
+                    try:
+                        self._sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
 
 
 class StartFailed(Exception):
@@ -114,8 +177,16 @@ class Supervisor:
                  policy: str | None = None, confine: str = "best-effort", timeout: float | None = None,
                  memory_limit: int | None = None, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
                  handlers: tuple[str, ...] = (), start_timeout: float = 600.0,
-                 owner_pid: int | None = None, log=sys.stderr):
+                 owner_pid: int | None = None, secret: bytes | None = None,
+                 trust_worker_channel: bool = False, log=sys.stderr):
         self.socket_path = os.path.abspath(socket_path)
+        # Given by the Worker that starts us, or made here and written beside the socket.
+        self._secret = secret if secret is not None else auth.new_secret()
+        self._secret_file = secret is None
+        # TEST ONLY (--test-only-trust-worker-channel, tests/test_boundary_peer.py's
+        # controls): read the worker's channel without deadline, with predictable ids, and
+        # forward whatever matches an id, as before these checks existed.
+        self._trust_worker_channel = trust_worker_channel
         self.model, self.device, self.policy, self.confine = model, device, policy, confine
         self.timeout, self.memory_limit = timeout, memory_limit
         self.shm_threshold, self.handlers, self.start_timeout = shm_threshold, handlers, start_timeout
@@ -146,7 +217,7 @@ class Supervisor:
 
     # -- entry -------------------------------------------------------------------------
     def serve(self) -> int:
-        self._listener = _listen(self.socket_path)
+        self._listener = _listen(self.socket_path, self._secret if self._secret_file else None)
         removed = _sweep_orphan_scratch()
         if removed:
             self._say(f"removed {len(removed)} scratch directories of dead servers")
@@ -174,6 +245,8 @@ class Supervisor:
     def _start_worker(self) -> None:
         self.state = "starting" if not self._ready.is_set() else "restarting"
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A worker that stops reading must not stall our sends to it either.
+        parent_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(_CLIENT_SEND_TIMEOUT), 0))
         scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
         argv = [sys.executable, "-m", "runner.worker", "--channel-fd", str(child_end.fileno()),
                 "--parent-pid", str(os.getpid()), "--model", self.model, "--device", self.device,
@@ -187,11 +260,12 @@ class Supervisor:
         popen = subprocess.Popen(argv, pass_fds=(child_end.fileno(),), cwd=scratch, env=env,
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         child_end.close()
-        worker = WorkerHandle(popen, Connection(parent_end), scratch)
+        worker = WorkerHandle(popen, Connection(parent_end), scratch, watch=_ChannelDeadline(parent_end))
         worker.pump = threading.Thread(target=self._pump_output, args=(worker,), daemon=True, name="worker-output")
         worker.pump.start()
         try:
-            worker.conn.greet(peer=f"worker pid {worker.pid}")
+            with worker.watch.bound(self.start_timeout):
+                worker.conn.greet(peer=f"worker pid {worker.pid}")
             message = self._wait_message(worker, time.monotonic() + self.start_timeout, "start")
             message.close()
         except (_WorkerLost, ProtocolError, OSError) as exc:
@@ -234,18 +308,65 @@ class Supervisor:
                 if worker.popen.poll() is not None:
                     raise _WorkerLost(errors.CRASHED, "the worker died")
                 continue
-            try:
-                message = worker.conn.recv()
-            except (ProtocolError, OSError):
-                raise _WorkerLost(errors.CRASHED, "the worker died") from None
+            message = self._read(worker)
             if message.kind == "stats":
                 message.close()
-                worker.gpu_bytes = message.meta.get("gpu")
                 continue
-            if wanted_id is not None and message.id != wanted_id:
-                message.close()
-                continue  # a late pong
-            return message
+            if self._trust_worker_channel:  # TEST ONLY: the old, trusting match by id alone
+                if wanted_id is not None and message.id != wanted_id:
+                    message.close()
+                    continue
+                return message
+            if message.kind in _ANSWERS[what] and (wanted_id is None or message.id == wanted_id):
+                return message
+            message.close()
+            # A ping's pong cannot come late (no pong in time kills the worker) and ids are
+            # random: this answers nothing we asked. User code wrote it; never forward it.
+            raise _WorkerLost(errors.CRASHED, f"the worker sent {message.kind!r} for id {message.id} while "
+                                              f"waiting for its answer to the {what}: it was killed as "
+                                              "compromised (user code writing on the worker's channel)",
+                              rerun=True)
+
+    def _read(self, worker: WorkerHandle) -> Message:
+        """One message from the worker, whole within ``_CHANNEL_READ_SECONDS`` of its
+        first byte. Raises ``_WorkerLost``."""
+        try:
+            if self._trust_worker_channel:
+                message = worker.conn.recv()  # TEST ONLY: no deadline
+            else:
+                with worker.watch.bound(_CHANNEL_READ_SECONDS):
+                    message = worker.conn.recv()
+        except BadMessage as exc:
+            raise _WorkerLost(errors.CRASHED, f"the worker sent a malformed message ({exc}): it was killed as "
+                                              "compromised") from None
+        except (ProtocolError, OSError):
+            if worker.watch.tripped:
+                raise _WorkerLost(errors.CRASHED, f"the worker left a message on its channel unfinished for "
+                                                  f"{_CHANNEL_READ_SECONDS:g}s (user code writing on the "
+                                                  "worker's channel?): it was killed") from None
+            raise _WorkerLost(errors.CRASHED, "the worker died") from None
+        if message.kind == "stats":
+            gpu = message.meta.get("gpu")
+            worker.gpu_bytes = gpu if type(gpu) is int else None
+        return message
+
+    def _drain(self, worker: WorkerHandle) -> None:
+        """Before a request goes out, nothing but stats may be waiting on the channel: the
+        worker was asked nothing, so anything else was written by user code."""
+        while select.select([worker.conn.sock], [], [], 0)[0]:
+            message = self._read(worker)
+            message.close()
+            if message.kind != "stats":
+                raise _WorkerLost(errors.CRASHED, f"the worker sent {message.kind!r} for id {message.id} "
+                                                  "unasked: it was killed as compromised (user code writing "
+                                                  "on the worker's channel)", rerun=True)
+
+    def _new_id(self) -> int:
+        """A request or ping id the worker cannot guess, so nothing written on the channel
+        before a request was sent can name it."""
+        if self._trust_worker_channel:
+            return next(self._request_ids)  # TEST ONLY: predictable
+        return int.from_bytes(os.urandom(7), "little")
 
     def _check_memory(self, worker: WorkerHandle) -> None:
         if self.memory_limit is None:
@@ -268,6 +389,7 @@ class Supervisor:
     def _dispose(self, worker: WorkerHandle) -> int:
         """Kill (if needed) and reap a worker, and remove what it leaves behind."""
         returncode = self._kill(worker)
+        worker.watch.close()
         worker.conn.close()
         worker.pump.join(timeout=5)  # its last lines belong in the crash report
         worker.popen.stdout.close()
@@ -307,8 +429,9 @@ class Supervisor:
                     self._execute(*item)
             except _WorkerLost as lost:
                 outcome = self._lose_worker(lost)
-                if item is not None:
+                if item is not None and not (lost.rerun and self._rerun(*item)):
                     item[1].close()
+                    self._reply_failure(item[0], item[1].id, outcome)
                     self._reply_failure(item[0], item[1].id, outcome)
 
     def _take(self) -> tuple[ClientSession, Message] | None:
@@ -326,6 +449,21 @@ class Supervisor:
                 return client, message
             return None
 
+    def _rerun(self, client: ClientSession, message: Message) -> bool:
+        """Queue a request again at the head of its client's queue, once: the worker it ran
+        on was caught sending what it was not asked, which earlier user code can plant."""
+        with self._lock:
+            self._running = None
+            if not client.alive or message.id in client.rerun:
+                return False
+            client.rerun.add(message.id)
+            client.queue.appendleft(message)
+            if client not in self._rotation:
+                self._rotation.appendleft(client)
+            self._lock.notify_all()
+        self._say(f"running request {message.id} of client pid {client.pid} again on a new worker")
+        return True
+
     def _idle_check(self) -> None:
         now = time.monotonic()
         if self.owner_pid is not None and now - self._owner_checked > 1.0:
@@ -340,7 +478,7 @@ class Supervisor:
         self._check_memory(worker)
         if time.monotonic() - worker.last_ping < _PING_INTERVAL:
             return
-        ping_id = next(self._request_ids)
+        ping_id = self._new_id()
         worker.conn.send("ping", ping_id)
         self._wait_message(worker, time.monotonic() + _PING_TIMEOUT, "ping", ping_id).close()
         worker.last_ping = time.monotonic()
@@ -353,17 +491,17 @@ class Supervisor:
             return
         worker = self.worker
         meta = message.meta
-        request_id = next(self._request_ids)
+        request_id = self._new_id()
         timeout = meta.get("timeout") or self.timeout
         deadline = time.monotonic() + timeout if timeout else float("inf")
+        if not self._trust_worker_channel:
+            self._drain(worker)
         try:
             worker.conn.send("request", request_id, {
                 "kind": meta["kind"], "form": meta.get("form", "frames"), "reply": meta.get("reply", "frames"),
             }, message.frames, message.fds)
         except OSError:
             raise _WorkerLost(errors.CRASHED, "the worker died") from None
-        finally:
-            message.close()  # the worker has its own copies now
         reply = self._wait_message(worker, deadline, "request", request_id)
         worker.last_ping = time.monotonic()
         if "sources" in reply.meta:
@@ -371,6 +509,8 @@ class Supervisor:
         self.served += 1
         with self._lock:
             self._running = None
+            client.rerun.discard(message.id)
+        message.close()  # answered: the worker had its own copies of its descriptors
         try:
             if client.alive:
                 client.conn.send(reply.kind, message.id, reply.meta, reply.frames, reply.fds)
@@ -446,14 +586,17 @@ class Supervisor:
     def _welcome(self, conn: Connection, pid: int) -> ClientSession:
         hello = conn.recv()
         hello.close()
-        if hello.kind != "hello":
-            raise BadMessage("the first message must be a hello")
-        client = ClientSession(next(self._client_ids), conn, pid)
+        nonce = hello.meta.get("nonce")
+        if hello.kind != "hello" or not (isinstance(nonce, bytes) and len(nonce) == auth.NONCE_BYTES):
+            raise BadMessage(f"the first message must be a hello carrying a {auth.NONCE_BYTES}-byte nonce")
+        ours = auth.new_nonce()
+        client = ClientSession(next(self._client_ids), conn, pid, nonces=(nonce, ours))
         with self._lock:
             self._clients[client.id] = client
         conn.send("welcome", hello.id, {
             "protocol": PROTOCOL_VERSION, "server_pid": os.getpid(), "model": self.model, "policy": self.policy,
             "device": self.device, "shm_threshold": self.shm_threshold, "state": self.state,
+            "nonce": ours, "proof": auth.proof(self._secret, b"server", nonce, ours, os.getpid(), pid),
         })
         return client
 
@@ -472,13 +615,30 @@ class Supervisor:
                 client.conn.send("error", message.id, {"error": failure(errors.START, self._start_error)})
                 return False
             client.conn.send("ready", message.id, self.status())
+        elif kind == "auth":
+            answer = message.meta.get("proof")
+            expected = auth.proof(self._secret, b"client", *client.nonces, os.getpid(), client.pid)
+            if isinstance(answer, bytes) and hmac.compare_digest(answer, expected):
+                client.owner = True
+                client.conn.send("owner", message.id)
+            else:
+                client.conn.send("error", message.id, {"error": failure(
+                    errors.RUNNER, "the proof of this server's secret does not match: this client is not its owner")})
         elif kind == "stop":
-            client.conn.send("stopping", message.id)
-            self.stop()
+            if not client.owner:
+                self._say(f"refused stop from client pid {client.pid}, which is not the owner")
+                client.conn.send("error", message.id, {"error": failure(
+                    errors.RUNNER, f"stop refused: only the owner of the worker server at {self.socket_path} may "
+                                   "stop it (the runner.Worker that started it, or a client that can read "
+                                   f"{auth.secret_path(self.socket_path)} when it was started from the command "
+                                   "line); it goes on serving")})
+            else:
+                client.conn.send("stopping", message.id)
+                self.stop()
         else:
             client.conn.send("error", message.id, {"error": failure(
                 errors.RUNNER, f"unknown message kind {kind!r} (expected request, ping, "
-                               "status, wait_ready or stop)")})
+                               "status, wait_ready, auth or stop)")})
         return True
 
     def _enqueue(self, client: ClientSession, message: Message) -> None:
@@ -555,6 +715,8 @@ class Supervisor:
                 os.unlink(self.socket_path)
             except FileNotFoundError:
                 pass
+            if self._secret_file and auth.read_secret(self.socket_path)[0] == self._secret:
+                auth.clear_secret(self.socket_path)
             directory = os.path.dirname(self.socket_path)
             if os.path.basename(directory).startswith("sourcebox-"):
                 # The private directory a Worker made for this socket: gone with us even
@@ -589,7 +751,9 @@ def _request_problem(meta: dict) -> str | None:
     return None
 
 
-def _listen(path: str) -> socket.socket:
+def _listen(path: str, secret: bytes | None) -> socket.socket:
+    """Listen at ``path``; ``secret`` is written beside it first (None: a secret file left
+    there by a killed server is removed), so no client can find the socket without it."""
     if os.path.exists(path):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -601,6 +765,10 @@ def _listen(path: str) -> socket.socket:
                                f"(python -m runner stop {path}) or pick another socket path")
         finally:
             probe.close()
+    if secret is not None:
+        auth.write_secret(path, secret)
+    else:
+        auth.clear_secret(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # the socket is the worker's front door: owner only
     try:

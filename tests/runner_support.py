@@ -1,4 +1,5 @@
 """Helpers shared by the runner tests."""
+import os
 import socket
 
 from runner.protocol import Connection
@@ -11,6 +12,6 @@ def raw_client(worker, timeout: float = 30) -> Connection:
     sock.settimeout(timeout)
     conn = Connection(sock)
     conn.greet(peer="server")
-    conn.send("hello", 0)
+    conn.send("hello", 0, {"nonce": os.urandom(32)})
     assert conn.recv().kind == "welcome"
     return conn

@@ -9,7 +9,6 @@ a client lambda sent back, are checked the same way in tests/test_boundary_resul
 import functools
 import io
 import re
-import socket
 import sys
 import textwrap
 

@@ -270,7 +270,6 @@ def test_the_labs_pytest_suite_runs_through_the_plugin(installed_sourcebox, lab)
     assert "6 passed" in finished.stdout, finished.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="needs results-as-data: user classes come back")
 def test_the_labs_own_objects_come_back(installed_sourcebox, lab):
     output = _run_script(installed_sourcebox, lab, "results.py", RESULTS)
     assert output.rstrip().endswith("results: all done")
