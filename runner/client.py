@@ -369,7 +369,9 @@ class Worker:
                     entry = self._pending.pop(message.id, None)
                 try:
                     if entry is None:
-                        if message.kind == "error":  # about the connection itself
+                        # Id 0 is the connection itself; any other unknown id answers a
+                        # request already settled (or never made): nothing to do.
+                        if message.kind == "error" and message.id == 0:
                             self._lost = rebuild(message.meta["error"]).args[0]
                         continue
                     self._settle(message, entry)

@@ -432,7 +432,6 @@ class Supervisor:
                 if item is not None and not (lost.rerun and self._rerun(*item)):
                     item[1].close()
                     self._reply_failure(item[0], item[1].id, outcome)
-                    self._reply_failure(item[0], item[1].id, outcome)
 
     def _take(self) -> tuple[ClientSession, Message] | None:
         with self._lock:
