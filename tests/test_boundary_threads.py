@@ -50,6 +50,17 @@ import threading
 import time
 
 
+def start_progress_bar():
+    """What a library's progress bar does in the worker (transformers' "Loading weights"
+    bar did it during the load before the load was quieted): tqdm starts its monitor
+    thread, which outlives the bar."""
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 10
+    tqdm.tqdm(total=1).close()
+    return [thread.name for thread in threading.enumerate()]
+
+
 def hijack_threads(marker, secret_path):
     """Run code in every other Python thread that can be reached. tqdm's monitor thread
     looks up ``self.was_killed`` each round: replacing it hands its next step to us."""
@@ -301,8 +312,9 @@ def test_required_refuses_when_a_thread_exists_and_names_it(tmp_path, attacks, t
 def test_the_workers_library_threads_cannot_be_hijacked_out_of_the_sandbox(confined, attacks, targets):
     directory, secret = targets
     marker = directory / "marker-worker"
+    assert confined.call(attacks.start_progress_bar).count("tqdm_monitor") == 1
     result = confined.call(attacks.hijack_threads, str(marker), str(secret))
-    # The model load started tqdm's monitor: after enter(), so it inherited every layer.
+    # tqdm's monitor started after enter(), as every library thread now does: it inherited every layer.
     assert "tqdm_monitor" in result["threads"], result
     outcome = result["hijacked"]["tqdm_monitor"]
     assert outcome["tid"] != result["caller_tid"]  # the code did run in the other thread
