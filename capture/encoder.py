@@ -392,7 +392,19 @@ class Encoder:
         ref = self.memo.get(id(module)) or self._new_node(module, [fmt.MODULE, record.index])
         if full and not record.full:
             record.full = True
-            self._ship_whole_module(module, record, path)
+            try:
+                self._ship_whole_module(module, record, path)
+            except CaptureError as exc:
+                package = _installed_package(name)
+                if package is None:
+                    raise
+                raise CaptureError(
+                    path, f"module {name}",
+                    f"it is the installed package '{package}', which the destination ({self._dest_name()}) does "
+                    f"not have; your own code travels as source, installed libraries do not (sending it failed "
+                    f"at {exc.path}: {exc.reason})",
+                    f"Use a policy whose destination has '{package}' (python -m sandbox diff shows what each "
+                    "has), or do not use it in the code sent to the worker.") from None
         return ref
 
     def _ship_whole_module(self, module: types.ModuleType, record: _ModuleRecord, path: str) -> None:
@@ -525,7 +537,7 @@ class Encoder:
         try:
             node["deps"] = self._need_globals(fn.__globals__, global_names(fn.__code__), path)
         except CaptureError as exc:
-            raise _needed_by(path, f"function {fn.__qualname__}", exc) from None
+            raise _needed_by(path, f"function {fn.__qualname__}", exc, self._dest_name()) from None
         imports = self._relative_imports(fn, path)
         if imports:
             node["imports"] = imports
@@ -679,7 +691,7 @@ class Encoder:
             node["closure"] = self._class_closure(cls, used, namespace, path) if "<locals>" in cls.__qualname__ else {}
             node["attrs"] = self._class_attributes(cls, segment, path)
         except CaptureError as exc:
-            raise _needed_by(path, f"class {cls.__qualname__}", exc) from None
+            raise _needed_by(path, f"class {cls.__qualname__}", exc, self._dest_name()) from None
         return ref
 
     def _namedtuple_class(self, cls: type, path: str) -> fmt.Ref:
@@ -869,18 +881,40 @@ class Encoder:
         return self.value(state, f"{path}.<state>")
 
 
-def _needed_by(path: str, type_name: str, exc: CaptureError) -> CaptureError:
+def _needed_by(path: str, type_name: str, exc: CaptureError, destination: str) -> CaptureError:
     """A refusal met while capturing what a definition uses (its globals, closure, class
     attributes), told from the definition the user passed: that is the path they know.
-    A chain of definitions reads ``it uses a.f, which uses b.g (type), which cannot travel: ...``."""
+    A chain of definitions reads ``it uses a.f, which uses b.g (type), which cannot travel: ...``;
+    one that enters an installed library the destination lacks says that instead."""
     if exc.path == path or exc.path.startswith((path + ".", path + "[")):
         return exc
     chain = [exc.path, *getattr(exc, "uses", ())]
     cause = getattr(exc, "cause", (exc.type_name, exc.reason))
+    package = _installed_package(chain[0])
+    if package is not None:
+        error = CaptureError(
+            path, type_name,
+            f"it uses {chain[0]}, from the installed package '{package}', which the destination ({destination}) "
+            f"does not have; your own code travels as source, installed libraries do not (sending "
+            f"{package}'s code failed at {chain[-1]}: {cause[1]})",
+            f"Use a policy whose destination has '{package}' (python -m sandbox diff shows what each has), "
+            f"or keep {chain[0]} out of the code sent to the worker.")
+        error.uses, error.cause = chain, cause
+        return error
     error = CaptureError(path, type_name, f"it uses {', which uses '.join(chain)} ({cause[0]}), which cannot "
                          f"travel: {cause[1]}", exc.workaround)
     error.uses, error.cause = chain, cause
     return error
+
+
+def _installed_package(dotted: str) -> str | None:
+    """The top-level package of ``dotted`` when it is installed (in site-packages), not the
+    user's own code: such code is not the user's to send."""
+    top = dotted.partition(".")[0]
+    module = sys.modules.get(top)
+    file = getattr(module, "__file__", None) or ""
+    parts = file.replace("\\", "/").split("/")
+    return top if "site-packages" in parts or "dist-packages" in parts else None
 
 
 def _has_lone_surrogate(text: str) -> bool:

@@ -212,8 +212,18 @@ RESULTS = '''\
         model = TransformersModel(runner.models.path("tiny-gpt2"), task="text-generation")
         runner.nnsight.install(worker)
         with model.trace("Hello world", remote="local"):
-            probe = nnsight.save(MeanTracker().add(model.transformer.h[0].output))
+            probe = MeanTracker().add(model.transformer.h[0].output)
+            probe.save()  # nnsight mounts .save() on every object
         assert type(probe) is MeanTracker and probe.count == len(model.tokenizer("Hello world")["input_ids"])
+
+        # nnsight.save names the nnsight package itself, which ndif-allowlist does not give user code.
+        try:
+            with model.trace("Hello world", remote="local"):
+                saved = nnsight.save(MeanTracker().add(model.transformer.h[0].output))
+            raise AssertionError("nnsight.save travelled to a destination without nnsight")
+        except capture.CaptureError as refusal:
+            message = str(refusal)
+            assert "installed package 'nnsight'" in message and "ndif-allowlist" in message, message
 
         cfg = SteerConfig(layer=0)
         try:
