@@ -1,6 +1,7 @@
 """Helpers shared by the runner tests."""
 import os
 import socket
+import time
 
 from runner.protocol import Connection
 
@@ -15,3 +16,24 @@ def raw_client(worker, timeout: float = 30) -> Connection:
     conn.send("hello", 0, {"nonce": os.urandom(32)})
     assert conn.recv().kind == "welcome"
     return conn
+
+
+def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def listening(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket at ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

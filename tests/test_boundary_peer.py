@@ -5,7 +5,6 @@ by effect; each attack has a control with the layer that stops it switched off
 import glob
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import pytest
 import runner
 from runner import auth, shm
 from runner.supervisor import _CHANNEL_READ_SECONDS
+from runner_support import listening, wait_until
 
 POLICY = "nnsight-local"
 CANARY = "sbx-canary-7d41c09e"  # appears only in the source of the user's function
@@ -200,23 +200,8 @@ def spawn(*argv):
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_until(condition, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
-def listening(path):
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import runner
+from runner_support import wait_until
 
 POLICY = "nnsight-local"
 SHM_DIR = "/dev/shm"
@@ -119,12 +120,6 @@ def spawn_client(script, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_until(condition, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_kill_9_of_the_worker_fails_the_running_request_and_serves_the_queue(client_script):
@@ -196,7 +191,11 @@ def test_close_fails_waiting_requests_as_stopped_and_leaves_no_thread_running():
         assert server.call(sleep_for, 0) == 0
 
 
-def test_kill_9_of_the_server_takes_the_worker_along_the_client_cleans_up_and_starts_another():
+def test_kill_9_of_the_server_takes_the_worker_along_the_client_cleans_up_and_starts_another(tmp_path, monkeypatch):
+    # A private temporary directory: any other server starting on this machine would sweep
+    # the orphaned scratch directory this test watches.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     worker = runner.Worker(model="none", policy=POLICY)
     try:
         worker_pid = worker.status()["worker_pid"]
