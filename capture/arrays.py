@@ -53,7 +53,10 @@ def storage_from_frame(frame: memoryview) -> Any:
 def tensor_from_storage(storage: Any, meta: dict, device: str | None) -> Any:
     import torch
 
-    dtype = getattr(torch, meta["dtype"], None)
+    # Read from torch's namespace: getattr would run torch's lazy submodule imports for a
+    # name the bundle chose.
+    name = meta["dtype"]
+    dtype = vars(torch).get(name) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype):
         raise BundleError(f"unknown tensor dtype {meta['dtype']!r}")
     shape, stride, offset = meta["shape"], meta["stride"], meta["offset"]

@@ -9,22 +9,32 @@ this way). Under it, decoding
   one of a fixed list of value types;
 - imports nothing the bundle names: a reference resolves only in a module already in
   ``sys.modules``, by looking in namespaces (no ``getattr`` hooks, no lazy imports), and
-  only to a class, an enum member or one of a few singleton values;
+  only to a *trusted* class, an enum member or one of a few singleton values;
 - compiles and runs no shipped source (no function, class, module or cell nodes);
-- calls nothing the bundle supplies: an instance of an already-loaded class is made by
-  that class's own ``__new__`` (arguments only for subclasses of immutable builtins such
-  as tuple and int) and gets its state through its own ``__setstate__`` or ``__dict__``;
-  a loaded dataclass whose ``__reduce__`` names its constructor gets its fields set the
-  same way, without ``__init__``.
+- calls nothing the bundle supplies, and no library code on state the bundle chose. A
+  class is trusted when it is the user's own (defined in a module outside the Python
+  installation and its site-packages, or in ``__main__``) or registered with
+  ``DATA_ONLY.allow(cls)``: its instances are made by its own ``__new__`` (arguments only
+  for subclasses of immutable builtins such as tuple and int) and get their state
+  through its own ``__setstate__``, ``extend`` and ``__setitem__``, as pickle would.
+  Any loaded class is fair game for an attacker otherwise: a library class whose
+  ``extend`` calls a callable held in its state runs a shell (``subprocess.Popen`` is a
+  class, so a reference can name it). A loaded dataclass whose ``__reduce__`` names its
+  constructor (transformers' ``ModelOutput``) gets its fields set directly, and items of
+  library containers go in through the builtin container's own method, never an
+  override.
 
 Anything else raises ``BundleError`` naming where in the value it sits
 (``result[2].probe.fn``) and what it was.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
+import os
 import sys
+import sysconfig
 import types
 from typing import Any
 
@@ -59,7 +69,7 @@ _REFUSED_KINDS = {
 #: (module, qualname); resolved in modules already loaded, never imported.
 REDUCE_CONSTRUCTORS = frozenset({
     ("builtins", "slice"), ("builtins", "range"),
-    ("collections", "defaultdict"), ("collections", "Counter"), ("collections", "deque"),
+    ("collections", "OrderedDict"), ("collections", "defaultdict"), ("collections", "Counter"), ("collections", "deque"),
     ("datetime", "datetime"), ("datetime", "date"), ("datetime", "time"), ("datetime", "timedelta"),
     ("datetime", "timezone"), ("decimal", "Decimal"), ("fractions", "Fraction"),
     ("pathlib", "PurePath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
@@ -71,6 +81,15 @@ REDUCE_CONSTRUCTORS = frozenset({
 _NUMPY_SCALAR = "scalar"
 #: Module of torch's named-tuple results (``torch.max(x, 0)``): structseq value types.
 _TORCH_RETURN_TYPES = "torch.return_types"
+
+#: Builtin classes a reference may name as values (``type(None)`` in a result).
+_BUILTIN_VALUE_CLASSES = frozenset({
+    type(None), type(Ellipsis), type(NotImplemented), bool, int, float, complex, str, bytes, bytearray,
+    list, tuple, dict, set, frozenset, slice, range, object,
+})
+#: Longest text a Fraction or Decimal constructor may parse: ``Fraction("1e100000000")``
+#: would compute a hundred-million-digit power on the reader's behalf.
+_MAX_NUMBER_TEXT = 4300
 
 #: Only instances of subclasses of these get ``__new__`` arguments (their value is there).
 _VALUE_BASES = (tuple, int, float, str, bytes, frozenset, complex)
@@ -85,13 +104,36 @@ class DataOnly:
 
     name = "data-only"
 
+    def __init__(self) -> None:
+        # class -> whether its own methods (__setstate__, extend, __setitem__) may run
+        self._allowed: dict[type, bool] = {}
+
     def provides(self, module: str) -> bool:
         return module in sys.modules
 
-    def resolve(self, module: str, qualname: str) -> Any:
-        """The class, enum member or singleton value at ``module.qualname``, looked up
-        in already-loaded modules without importing or running attribute hooks;
-        ``ImportError`` saying why otherwise."""
+    def allow(self, *classes: type, own_methods: bool = True) -> None:
+        """Let instances of ``classes`` come back. With ``own_methods`` (a probe class
+        installed from your lab's package) they are treated as your own: their
+        ``__setstate__``, ``extend`` and ``__setitem__`` run on the sender's state. Without
+        (a library's plain record type) their state is written straight into their
+        ``__dict__`` and slots, and none of their code runs."""
+        for cls in classes:
+            if not isinstance(cls, type):
+                raise TypeError(f"DATA_ONLY.allow takes classes, not {type(cls).__name__}")
+            self._allowed[cls] = own_methods
+
+    def trusts(self, cls: type) -> bool:
+        """Whether instances of ``cls`` may be rebuilt with the class's own methods: the
+        user's own classes, those allowed with their methods, and the fixed value types."""
+        return self._allowed.get(cls, False) or _users_own(cls) or _value_class(cls)
+
+    def names(self, cls: type) -> bool:
+        """Whether a reference may name ``cls`` (and an instance of it be rebuilt)."""
+        return cls in self._allowed or self.trusts(cls) or cls in _BUILTIN_VALUE_CLASSES
+
+    def loaded(self, module: str, qualname: str) -> Any:
+        """The object at ``module.qualname`` in an already-loaded module, read from
+        namespaces without importing or running attribute hooks; ``ImportError`` if absent."""
         home = sys.modules.get(module)
         if home is None:
             raise ImportError(f"module {module!r} is not loaded here, and a data-only decode imports nothing")
@@ -100,9 +142,19 @@ class DataOnly:
             obj = _static_attribute(obj, part)
             if obj is _ABSENT:
                 raise ImportError(f"{module}.{qualname} does not exist here")
+        return obj
+
+    def resolve(self, module: str, qualname: str) -> Any:
+        """The trusted class, enum member or singleton value at ``module.qualname``
+        (see :meth:`loaded`); ``ImportError`` saying why otherwise."""
+        obj = self.loaded(module, qualname)
         what = _value_kind(obj)
         if what is not None:
             raise ImportError(f"{module}.{qualname} is {what}, not data")
+        if isinstance(obj, type) and not issubclass(obj, enum.Enum) and not self.names(obj):
+            raise ImportError(f"{module}.{qualname} is a class of an installed library, not one of your own; a "
+                              "data-only decode neither names nor fills library classes (their methods would run "
+                              "on state the sender chose). If it is yours, trust it with capture.DATA_ONLY.allow")
         return obj
 
     def builtins(self) -> dict:
@@ -198,6 +250,27 @@ class DataDecoder(Decoder):
         obj = self._register(index, cls.__new__(cls, *args, **kwargs))
         return self._fill(obj, fields[3:])
 
+    def _fill(self, obj: Any, fields: list) -> Any:
+        """State and items: through a trusted class's own methods (pickle's way); for any
+        other object, raw attributes and the builtin container's own methods only."""
+        if DATA_ONLY.trusts(type(obj)):
+            return super()._fill(obj, fields)
+        state, listitems, dictitems = (self.value(f) for f in fields)
+        if state is not None:
+            _write_state(obj, state)
+        if listitems:
+            extend = _container_method(obj, _LIST_BASES, "extend")
+            if extend is None:
+                raise BundleError(f"malformed bundle: items for a {_name(type(obj))}, which is not a list")
+            extend(obj, listitems)
+        if dictitems:
+            setitem = _container_method(obj, _DICT_BASES, "__setitem__")
+            if setitem is None:
+                raise BundleError(f"malformed bundle: entries for a {_name(type(obj))}, which is not a dict")
+            for key, value in dictitems:
+                setitem(obj, key, value)
+        return obj
+
     def _reduce(self, index: int, fields: list) -> Any:
         func = self._constructor(fields[0])
         args = self.value(fields[1]) or ()
@@ -207,8 +280,11 @@ class DataDecoder(Decoder):
             raise self.refuse(index, f"a call to {_name(func)} with {len(args)} argument(s), which is not one of "
                                      "the value constructors a data-only decode may call (capture.dataonly."
                                      "REDUCE_CONSTRUCTORS, enum member lookups, torch.return_types)")
-        obj = self._register(index, func(*args))
-        return self._fill(obj, fields[2:])
+        try:
+            value = func(*args)
+        except (ValueError, TypeError, OverflowError, ArithmeticError) as exc:
+            raise BundleError(f"malformed bundle: {_name(func)} refused its arguments ({exc})") from None
+        return self._fill(self._register(index, value), fields[2:])
 
     def _dataclass(self, index: int, cls: type, args: tuple) -> Any:
         """A loaded dataclass whose ``__reduce__`` passes its fields as constructor
@@ -227,14 +303,17 @@ class DataDecoder(Decoder):
         return obj
 
     def _constructor(self, encoded: Any) -> Any:
-        """A reduce node's callable: a listed constructor is looked up as such (numpy's
-        ``scalar`` is a function, which a plain reference may not name)."""
+        """A reduce node's callable, looked up without the class filter of plain
+        references: ``_reduce`` itself decides what may be called (a listed constructor,
+        numpy's ``scalar`` function, an enum, a torch named tuple) or filled field by
+        field (a loaded dataclass)."""
         node = self.nodes[encoded.index] if isinstance(encoded, fmt.Ref) and 0 <= encoded.index < len(self.nodes) else None
-        if isinstance(node, list) and len(node) == 3 and node[0] == fmt.REFERENCE and tuple(node[1:]) in REDUCE_CONSTRUCTORS:
-            home = sys.modules.get(node[1])
-            found = _MODULE_DICT(home).get(node[2], _ABSENT) if isinstance(home, types.ModuleType) else _ABSENT
-            if found is not _ABSENT:
-                return found
+        if isinstance(node, list) and len(node) == 3 and node[0] == fmt.REFERENCE \
+                and isinstance(node[1], str) and isinstance(node[2], str):
+            try:
+                return DATA_ONLY.loaded(node[1], node[2])
+            except ImportError as exc:
+                raise self.refuse(encoded.index, f"a reference to {node[1]}.{node[2]} ({exc})") from None
         return self.value(encoded)
 
     # -- where a refused node sits ----------------------------------------------------
@@ -317,6 +396,89 @@ def _name(obj: Any) -> str:
     return f"{module}.{qualname}" if module else qualname
 
 
+def _write_state(obj: Any, state: Any) -> None:
+    """Instance state written straight into ``__dict__`` and slot members: no
+    ``__setattr__``, no property setter, nothing of the class's runs."""
+    slots = None
+    if isinstance(state, tuple) and len(state) == 2:
+        state, slots = state
+    if not isinstance(state, (dict, type(None))) or not isinstance(slots, (dict, type(None))):
+        raise BundleError(f"malformed bundle: the state of a {_name(type(obj))} is not attribute maps")
+    if state:
+        try:
+            namespace = object.__getattribute__(obj, "__dict__")
+        except AttributeError:
+            raise BundleError(f"malformed bundle: a {_name(type(obj))} has no __dict__ for its state") from None
+        for name, value in state.items():
+            if not isinstance(name, str):
+                raise BundleError(f"malformed bundle: an attribute name of a {_name(type(obj))} is not a string")
+            namespace[name] = value
+    for name, value in (slots or {}).items():
+        member = next((_CLASS_DICT(k)[name] for k in _CLASS_MRO(type(obj))
+                       if isinstance(name, str) and name in _CLASS_DICT(k)), None)
+        if not isinstance(member, types.MemberDescriptorType):
+            raise BundleError(f"malformed bundle: {name!r} is not a slot of {_name(type(obj))}")
+        member.__set__(obj, value)
+
+
+#: Builtin containers whose own methods take items, most derived first.
+_LIST_BASES = (collections.deque, list)
+_DICT_BASES = (collections.OrderedDict, collections.Counter, collections.defaultdict, dict)
+
+
+def _container_method(obj: Any, bases: tuple, name: str) -> Any:
+    for base in bases:
+        if isinstance(obj, base):
+            return getattr(base, name)  # the builtin's own, whatever the instance's class overrides
+    return None
+
+
+#: Classes sent as instances (object nodes) that are plain values, besides the constructors.
+_VALUE_OBJECT_CLASSES = frozenset({("uuid", "UUID")})
+
+
+def _value_class(cls: type) -> bool:
+    """One of the fixed value types (a listed constructor, ``uuid.UUID``, a
+    ``torch.return_types`` tuple), by identity with the loaded class of that name."""
+    name = (cls.__module__, cls.__qualname__)
+    if cls.__module__ == _TORCH_RETURN_TYPES:
+        return issubclass(cls, tuple)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(_MODULE_DICT(numpy).get("dtype"), type) \
+            and issubclass(cls, _MODULE_DICT(numpy)["dtype"]):
+        return True  # numpy's per-type dtype classes (numpy.dtypes.Float32DType)
+    if name not in REDUCE_CONSTRUCTORS and name not in _VALUE_OBJECT_CLASSES:
+        return False
+    home = sys.modules.get(name[0])
+    return isinstance(home, types.ModuleType) and _MODULE_DICT(home).get(name[1]) is cls
+
+
+def _install_roots() -> tuple[str, ...]:
+    """Where the interpreter, its stdlib and installed packages live."""
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    roots.update(path for path in sysconfig.get_paths().values() if path)
+    return tuple(os.path.join(os.path.realpath(root), "") for root in roots)
+
+
+_INSTALL_ROOTS = _install_roots()
+
+
+def _users_own(cls: type) -> bool:
+    """A class of the user's own code: defined in ``__main__`` or in a module whose file
+    lies outside the Python installation and every site-packages directory."""
+    module = sys.modules.get(cls.__module__)
+    if module is None:
+        return False
+    if cls.__module__ == "__main__":
+        return True
+    file = getattr(module, "__file__", None)
+    if not isinstance(file, str):
+        return False  # built-in or namespace-less: the interpreter's own
+    path = os.path.realpath(file)
+    parts = path.split(os.sep)
+    return "site-packages" not in parts and "dist-packages" not in parts and not path.startswith(_INSTALL_ROOTS)
+
+
 def _finalizer(cls: type) -> str | None:
     """The class (by name) whose ``__del__`` instances of ``cls`` would run, if any."""
     for klass in _CLASS_MRO(cls)[:-1]:
@@ -336,4 +498,9 @@ def _allowed_constructor(func: Any, args: tuple) -> bool:
         return False
     if name[1] == _NUMPY_SCALAR:  # scalar(dtype, raw bytes): an object dtype would hold anything
         return len(args) == 2 and not getattr(args[0], "hasobject", True)
+    if name[1] in ("Fraction", "Decimal") and args and isinstance(args[0], str):
+        text = args[0].strip()
+        # Only plain digits for Fraction (its exponent form computes the power); Decimal
+        # keeps exponents symbolic, so only the length matters there.
+        return len(text) <= _MAX_NUMBER_TEXT and (name[1] == "Decimal" or "e" not in text.lower())
     return True

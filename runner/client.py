@@ -372,9 +372,14 @@ class Worker:
                         # Id 0 is the connection itself; any other unknown id answers a
                         # request already settled (or never made): nothing to do.
                         if message.kind == "error" and message.id == 0:
-                            self._lost = rebuild(message.meta["error"]).args[0]
+                            self._lost = str(rebuild(message.meta.get("error")))
                         continue
                     self._settle(message, entry)
+                except Exception as exc:  # a malformed answer fails its own request, not the reader
+                    if entry is not None and not entry.future.done():
+                        entry.future.set_exception(errors.ProtocolError(
+                            f"the worker server at {self.socket_path} sent an answer this client cannot "
+                            f"read: {exc!r}"))
                 finally:
                     message.close()
                     entry = None  # its future holds the result: no longer than the caller does

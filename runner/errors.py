@@ -153,8 +153,9 @@ def failure(category: str, message: str, **extra: Any) -> dict:
     return {"category": category, "message": message, **extra}
 
 
-def rebuild(info: dict) -> BaseException:
-    """Turn a wire failure back into an exception to raise in the client.
+def rebuild(info: Any) -> BaseException:
+    """Turn a wire failure back into an exception to raise in the client; never raises
+    (a malformed failure from a broken or hostile peer becomes a ``RemoteError`` saying so).
 
     A user exception keeps its type when that type is an exception class the client has
     already loaded (a builtin, torch's, the user's own module's): it is looked up in
@@ -162,6 +163,15 @@ def rebuild(info: dict) -> BaseException:
     reply cannot make the client import a module. Otherwise it becomes ``RemoteError``.
     The type's constructor gets only the plain values the reply carried.
     """
+    if not isinstance(info, dict):
+        return RemoteError("<malformed>", f"the worker server sent a failure that is not a map: {type(info).__name__}")
+    try:
+        return _rebuild(info)
+    except Exception as exc:  # a reply is the peer's data: nothing in it may break the client
+        return RemoteError("<malformed>", f"the worker server sent a failure this client cannot read ({exc!r})")
+
+
+def _rebuild(info: dict) -> BaseException:
     category = info.get("category")
     message = str(info.get("message", ""))
     if category in _CATEGORY_TYPES:
@@ -174,7 +184,7 @@ def rebuild(info: dict) -> BaseException:
         return RunnerError(message)
     exc = _original_type_instance(info) or RemoteError(
         f"{info.get('module')}.{info.get('qualname')}", message)
-    frames = info.get("traceback") or []
+    frames = [frame for frame in info.get("traceback") or () if _frame_like(frame)]
     text = "Traceback (most recent call last) on the worker:\n" + "".join(
         traceback.format_list([tuple(frame) for frame in frames])) + str(info.get("text", message))
     exc.__cause__ = RemoteTraceback(text)
@@ -187,13 +197,13 @@ def _original_type_instance(info: dict) -> BaseException | None:
     if not isinstance(module, str) or not isinstance(qualname, str):
         return None
     try:
-        cls = capture.DATA_ONLY.resolve(module, qualname)
+        cls = capture.DATA_ONLY.loaded(module, qualname)
     except ImportError:
         return None
     if not (isinstance(cls, type) and issubclass(cls, BaseException)):
         return None
     args = info.get("args")
-    args = tuple(args) if isinstance(args, list) else (info.get("message", ""),)
+    args = tuple(args) if isinstance(args, list) and all(map(_plain, args)) else (str(info.get("message", "")),)
     try:
         exc = cls(*args)
     except Exception:
@@ -207,11 +217,19 @@ def _original_type_instance(info: dict) -> BaseException | None:
     attributes = info.get("attributes")
     if isinstance(attributes, dict):
         for name, value in attributes.items():
+            if not (isinstance(name, str) and _plain(value)):
+                continue
             try:
                 setattr(exc, name, value)
             except (AttributeError, TypeError):
                 pass  # a read-only attribute: the constructor set its own
     return exc
+
+
+def _frame_like(frame: Any) -> bool:
+    """A traceback entry as ``describe`` sends it: file, line, function, source line."""
+    return (isinstance(frame, (list, tuple)) and len(frame) == 4 and isinstance(frame[0], str)
+            and isinstance(frame[1], (int, type(None))) and isinstance(frame[2], str) and isinstance(frame[3], (str, type(None))))
 
 
 def _plain(value: Any) -> bool:

@@ -46,6 +46,21 @@ class TraceRefused(RuntimeError):
 # --- client side ---------------------------------------------------------------------
 
 
+def _allow_trace_results() -> None:
+    """The library record types a trace hands back may come back from the worker as plain
+    data: nnsight's cache records (``tracer.cache()``) and transformers' key/value caches
+    (in saved model outputs). Their state is written into them and none of their code
+    runs (the client reads replies with ``capture.DATA_ONLY``)."""
+    import capture
+    from nnsight.intervention import cache as nnsight_cache
+    from transformers import cache_utils
+
+    records = [nnsight_cache.Cache, nnsight_cache.CacheView, nnsight_cache.Entry]
+    records += [value for value in vars(cache_utils).values()
+                if isinstance(value, type) and value.__module__ == cache_utils.__name__]
+    capture.DATA_ONLY.allow(*records, own_methods=False)
+
+
 class WorkerBackend:
     """An nnsight backend that runs the traced block in a sourcebox worker.
 
@@ -58,6 +73,7 @@ class WorkerBackend:
 
     def __init__(self, worker: Any) -> None:
         self.worker = worker
+        _allow_trace_results()
 
     def __call__(self, tracer: Any) -> None:
         import capture

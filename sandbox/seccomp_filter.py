@@ -70,6 +70,7 @@ _SOCKET_TYPE_MASK = 0xF  # the type bits, without SOCK_NONBLOCK / SOCK_CLOEXEC
 _TIOCSTI = 0x5412
 _TIOCLINUX = 0x541C
 _PR_SET_PDEATHSIG = 1
+_MREMAP_DONTUNMAP = 4
 
 
 @dataclass
@@ -139,6 +140,11 @@ def build(own_pid: int) -> FilterPlan:
     # supervisor) stays: user code cannot clear or change it.
     syscall_filter.add_rule(eperm, "prctl", sc.Arg(0, sc.EQ, _PR_SET_PDEATHSIG))
     plan_rules.append("EPERM prctl(PR_SET_PDEATHSIG): the parent-death signal cannot be changed")
+
+    # mremap with MREMAP_DONTUNMAP leaves a second mapping of the same pages behind: user
+    # code could keep a view of a request's shared memory that the worker unmaps after it.
+    syscall_filter.add_rule(eperm, "mremap", sc.Arg(3, sc.MASKED_EQ, _MREMAP_DONTUNMAP, _MREMAP_DONTUNMAP))
+    plan_rules.append("EPERM mremap(MREMAP_DONTUNMAP): no hidden second mapping of shared memory")
 
     # Raising limits back: prlimit64 with a new limit; reading stays allowed.
     syscall_filter.add_rule(eperm, "prlimit64", sc.Arg(2, sc.NE, 0))

@@ -299,7 +299,7 @@ def confined():
 
 def test_a_result_built_to_call_open_on_the_client_does_not(lab, confined, tmp_path):
     marker = tmp_path / "written-on-the-client"
-    with pytest.raises(capture.BundleError, match=r"refused result\[1\]\['probe'\].<reduce>: .*io.open"):
+    with pytest.raises(capture.BundleError, match=r"refused result\[1\]\['probe'\]: .*io\.open"):
         confined.call(lab["attacks"].attack, str(marker))
     raw = confined.run_bytes(runner.encode_call(lab["attacks"].attack, (str(marker),), policy="nnsight-local"))
     with pytest.raises(capture.BundleError):
@@ -371,6 +371,6 @@ def test_a_worker_poisoned_by_one_client_runs_nothing_in_another(lab, confined, 
     victim_marker.parent.mkdir()
     assert client("attacker", victim_marker) == {"poison": "poisoned"}
     outcome = client("victim", victim_marker)
-    assert "refused result.<reduce>: it is a reference to io.open" in outcome["call"]
+    assert "refused result: it is a call to io.open" in outcome["call"]
     assert outcome["marker_after_call"] is False and outcome["marker_after_decode_result"] is False
     assert outcome["marker_after_old_decode"] is True
