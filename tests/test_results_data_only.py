@@ -13,6 +13,7 @@ import decimal
 import enum
 import fractions
 import importlib
+import os
 import pathlib
 import sys
 import textwrap
@@ -28,6 +29,8 @@ import capture
 import runner
 from capture import format as fmt
 from capture.dataonly import DATA_TAGS
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 class Color(enum.Enum):
@@ -394,3 +397,50 @@ def test_a_class_registered_with_allow_is_restored_with_its_own_methods():
         assert capture.loads(data, policy=capture.DATA_ONLY).kind is registered
     finally:
         capture.DATA_ONLY._allowed.pop(registered, None)
+
+
+def test_a_tensor_dtype_cannot_make_the_reader_import_torch_submodules(tmp_path):
+    """Found in review: the dtype was read with getattr(torch, name), whose lazy hook
+    imported torch._dynamo (93 modules) for the name "_dynamo"."""
+    script = tmp_path / "dtype.py"
+    script.write_text(textwrap.dedent('''
+        import sys
+        import torch
+        import capture
+        from capture import format as fmt
+
+        bundle = capture.encode(torch.zeros(2))
+        header, _ = fmt.unpack_header(bundle.header)
+        for node in header["nodes"]:
+            if node[0] == fmt.TENSOR:
+                node[1][1] = "_dynamo"
+        data = fmt.join(fmt.pack_header(header), bundle.frames)
+        before = "torch._dynamo" in sys.modules
+        try:
+            capture.loads(data, policy=capture.DATA_ONLY)
+        except capture.BundleError as error:
+            print("refused:", error)
+        print("imported:", not before and "torch._dynamo" in sys.modules)
+    '''))
+    import subprocess
+
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "refused:" in run.stdout and "unknown tensor dtype '_dynamo'" in run.stdout, run.stdout + run.stderr
+    assert "imported: False" in run.stdout, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("info", [
+    {"category": "user", "module": "builtins", "qualname": "ValueError", "traceback": [[1, 2]]},
+    {"category": "user", "module": "builtins", "qualname": "ValueError", "args": [[1]], "attributes": {"x": []}},
+    "not a map", {"category": "user", "traceback": "abc"}, {},
+])
+def test_a_malformed_error_reply_becomes_an_error_never_a_crash(info):
+    """Found in review: a traceback entry of the wrong shape made rebuild() raise, which
+    killed the client's reply reader and left every later call waiting forever."""
+    from runner.errors import RemoteError, rebuild
+
+    error = rebuild(info)
+    assert isinstance(error, BaseException)
+    if not isinstance(info, dict) or "qualname" not in info:
+        assert isinstance(error, RemoteError)
