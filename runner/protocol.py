@@ -189,6 +189,8 @@ class Connection:
         """Lay out a message's frames: large ones copied into a pool buffer now, the rest
         inline (copied out of ``frames`` too when ``own``: the worker stages its reply
         before it lets go of the request's memory, which a result may view)."""
+        if len(frames) > MAX_FRAMES:  # the receiver would refuse it: fail here, where it is clear
+            raise ValueError(f"a message carries at most {MAX_FRAMES} frames, not {len(frames)}")
         fds = list(fds)
         descriptors, inline, large = [], [], []
         for index, frame in enumerate(frames):

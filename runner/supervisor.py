@@ -68,6 +68,7 @@ MAX_QUEUED_FDS = 256               # descriptors queued per client (a request ca
 MAX_OUTBOX_BYTES = 64 << 20        # replies waiting to go out to one client
 MAX_KIND_CHARS = 256               # a request kind's name
 MAX_LINE_CHARS = 4096              # one line of the worker's output, as logged and in tails
+_SLOT_WAIT = 0.5                   # a new connection at the cap waits this long for a slot
 _REFUSED_GRACE = 1.0               # a refused connection is held this long so it can read why
 _ACCEPT_BACKOFF = (0.05, 2.0)      # first and longest pause after a failed accept (EMFILE...)
 _RESTART_ATTEMPTS = 3
@@ -706,7 +707,9 @@ class Supervisor:
             pause = 0.0
             sock.settimeout(None)
             with self._lock:
-                busy = self._connections >= self.max_clients
+                # A slot held by a connection just closing (a client's probe of the path
+                # before it connects for real) is worth a moment's wait.
+                busy = not self._lock.wait_for(lambda: self._connections < self.max_clients, _SLOT_WAIT)
                 if not busy:
                     self._connections += 1
             if busy:
@@ -767,6 +770,7 @@ class Supervisor:
                 self._client_gone(client)
             with self._lock:
                 self._connections -= 1
+                self._lock.notify_all()
 
     def _read_client(self, client: ClientSession) -> None:
         conn = client.conn
