@@ -82,8 +82,9 @@ _ANSWERS = {"request": ("reply", "error", "miss"), "ping": ("pong",), "start": (
 class _Outbox:
     """Messages to one client, sent by a thread of its own, so that a client that stops
     reading holds up no one: not the scheduler, not other clients. Bounded: past
-    ``MAX_OUTBOX_BYTES`` waiting, or a send stuck for the send timeout (``SO_SNDTIMEO``),
-    the client is dropped (``on_fail``). A posted ``Message`` (a forwarded reply) is the
+    ``MAX_OUTBOX_BYTES`` waiting (beyond a first answer, which may be as large as a message
+    may be), or a send stuck for the send timeout (``SO_SNDTIMEO``), the client is dropped
+    (``on_fail``). A posted ``Message`` (a forwarded reply) is the
     outbox's to close, sent or not."""
 
     def __init__(self, conn: Connection, on_fail, name: str):
@@ -103,7 +104,8 @@ class _Outbox:
         except (TypeError, ValueError, OverflowError):
             size = 0  # sending fails the same way, and says so
         with self._cond:
-            if not self._closed and self._bytes + size <= MAX_OUTBOX_BYTES:
+            # One answer of any size the protocol allows may wait; more may not pile up.
+            if not self._closed and (self._bytes == 0 or self._bytes + size <= MAX_OUTBOX_BYTES):
                 self._items.append((kind, request_id, meta, message, size))
                 self._bytes += size
                 self._cond.notify()
