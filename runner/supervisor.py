@@ -305,6 +305,7 @@ class Supervisor:
         self.handshake_timeout, self.send_timeout = handshake_timeout, send_timeout
         self._connections = 0  # accepted and not yet gone, handshaking ones included
         self._refused: collections.deque = collections.deque()  # (socket, when to close it)
+        self._refusals, self._refusal_logged = 0, float("-inf")
         self.shm_threshold, self.handlers, self.start_timeout = shm_threshold, handlers, start_timeout
         self.owner_pid = owner_pid
         self._owner_checked = 0.0
@@ -723,7 +724,11 @@ class Supervisor:
         """Tell a connection over the cap why, without a thread: our greeting and a busy
         error go out at once (they fit the socket's buffer), then the socket is held
         half-closed for ``_REFUSED_GRACE`` so the client's hello lands and it reads them."""
-        self._say(f"refused a connection: {self.max_clients} connections are open (--max-clients)")
+        self._refusals += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= 1.0:  # a flood of connections must not flood the log
+            self._refusal_logged = now
+            self._say(f"refused {self._refusals} connection(s) so far: {self.max_clients} are open (--max-clients)")
         try:
             sock.setblocking(False)
             conn = Connection(sock)
