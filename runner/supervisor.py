@@ -878,6 +878,8 @@ class Supervisor:
             client.post("error", message.id, {"error": failure(errors.RUNNER, cut(f"bad request: {problem}"))})
             return
         detached = message.detach()
+        # Only what is used is kept while it waits: the rest of its metadata may be large.
+        detached.meta = {key: message.meta[key] for key in ("kind", "form", "reply", "timeout") if key in message.meta}
         size = _held(detached)
         refusal = None
         with self._lock:
@@ -972,8 +974,9 @@ class Supervisor:
             self._dispose(worker)
         with self._lock:
             clients = list(self._clients.values())
+        flushed_by = time.monotonic() + 1.0  # answers already posted (stopping, errors) go out
         for client in clients:
-            client.outbox.close(flush_seconds=1.0)  # answers already posted (stopping, errors) go out
+            client.outbox.close(flush_seconds=max(0.0, flushed_by - time.monotonic()))
             self._client_gone(client)
 
 
@@ -1021,9 +1024,9 @@ def _request_problem(message: Message) -> str | None:
 
 
 def _held(message: Message) -> int:
-    """Bytes a queued request holds of the server: its inline frames, and what its
-    metadata and descriptors take (its header is not kept whole: only these are forwarded)."""
-    return sum(len(f) for f in message.frames if isinstance(f, bytes)) + 32 * len(message.frames) + 512
+    """Bytes a queued request holds of the server: its inline frames, and about what its
+    frames' objects and its kept metadata (a kind of at most ``MAX_KIND_CHARS``) take."""
+    return sum(len(f) for f in message.frames if isinstance(f, bytes)) + 128 * len(message.frames) + 512
 
 
 @contextlib.contextmanager
