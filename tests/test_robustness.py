@@ -260,7 +260,7 @@ def test_connections_past_the_cap_are_told_the_server_is_busy(serve):
 def test_a_client_queueing_more_than_its_share_is_told_the_server_is_busy(serve):
     server = serve("--max-queued-bytes", "1M")
     with runner.Worker(socket=server.path, shm_threshold=64 * MiB) as worker:  # all inline
-        running = worker.submit(sleep_for, 2)
+        running = worker.submit(sleep_for, 4)  # the others queue behind it
         wait_until(lambda: worker.status()["running"], what="the request to start")
         queued = [worker.submit(echo, b"q" * (300 << 10)) for _ in range(5)]
         outcomes = []
@@ -271,18 +271,18 @@ def test_a_client_queueing_more_than_its_share_is_told_the_server_is_busy(serve)
                 assert "--max-queued-bytes" in str(exc)
                 outcomes.append("busy")
         assert outcomes[:3] == [300 << 10] * 3 and "busy" in outcomes, outcomes
-        assert running.result(timeout=60) == 2
+        assert running.result(timeout=60) == 4
         assert worker.call(echo, b"q" * (300 << 10)) == b"q" * (300 << 10)  # served again once drained
     assert served(server.path)
 
 
 def test_running_out_of_descriptors_pauses_accepting_instead_of_ending_it(serve):
     server = serve()
+    wait_until(lambda: "ready in" in server.log(), 60, "the worker to be ready")
     process = psutil.Process(server.pid)
     limits = process.rlimit(psutil.RLIMIT_NOFILE)
-    in_use = {int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")}
-    lowest_free = next(fd for fd in range(len(in_use) + 1) if fd not in in_use)
-    process.rlimit(psutil.RLIMIT_NOFILE, (lowest_free, limits[1]))  # no descriptor left to open
+    # 0, 1 and 2 are open (stdin, the log), so no new descriptor fits under 3.
+    process.rlimit(psutil.RLIMIT_NOFILE, (3, limits[1]))
     try:
         early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         early.connect(server.path)  # lands in the backlog; accepting it fails with EMFILE
