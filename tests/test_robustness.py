@@ -20,7 +20,7 @@ import pytest
 import runner
 from runner import auth, supervisor
 from runner.protocol import GREETING_MAGIC, MESSAGE_MAGIC, PROTOCOL_VERSION, Connection
-from tests.runner_support import raw_client
+from runner_support import raw_client
 
 POLICY = "nnsight-local"
 MiB = 1 << 20
