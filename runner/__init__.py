@@ -8,14 +8,14 @@ See docs/RUNNER.md for the protocol, the lifecycle and the numbers behind the de
 """
 from .client import SandboxExecutor, Worker, decode_result, encode_call
 from .errors import (MemoryLimitExceeded, PeerAuthError, ProtocolError, ProtocolVersionError, RemoteError,
-                     RemoteTraceback, RequestTimeout, RunnerError, WorkerCrashed, WorkerStartError, WorkerStopped)
+                     RemoteTraceback, RequestTimeout, RunnerError, ServerBusy, WorkerCrashed, WorkerStartError, WorkerStopped)
 from .handlers import MODEL, Context, register
 from .protocol import PROTOCOL_VERSION
 
 __all__ = [
     "Worker", "SandboxExecutor", "MODEL", "encode_call", "decode_result", "register", "Context",
     "RunnerError", "ProtocolError", "ProtocolVersionError", "PeerAuthError", "RemoteError", "RemoteTraceback",
-    "WorkerCrashed", "RequestTimeout", "MemoryLimitExceeded", "WorkerStartError", "WorkerStopped",
+    "ServerBusy", "WorkerCrashed", "RequestTimeout", "MemoryLimitExceeded", "WorkerStartError", "WorkerStopped",
     "PROTOCOL_VERSION",
 ]
 

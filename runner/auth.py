@@ -24,7 +24,7 @@ import socket
 import stat
 import struct
 
-from .errors import PeerAuthError, ProtocolError
+from .errors import PeerAuthError, ProtocolError, RunnerError, rebuild
 
 SECRET_BYTES = 32
 NONCE_BYTES = 32
@@ -181,6 +181,10 @@ def client_handshake(conn, socket_path: str, secret: bytes | None) -> tuple[dict
     conn.send("hello", 0, {"nonce": nonce})
     welcome = conn.recv()
     welcome.close()  # a welcome carries no descriptors; close any a rogue peer attached
+    if welcome.kind == "error" and isinstance(welcome.meta.get("error"), dict):
+        refusal = rebuild(welcome.meta["error"])  # a server refusing us says why (busy, say)
+        if isinstance(refusal, RunnerError):
+            raise refusal
     if welcome.kind != "welcome":
         raise ProtocolError(f"expected a welcome from {socket_path}, got {welcome.kind!r}")
     if secret is None or _SKIP_PEER_CHECKS_FOR_TESTS:

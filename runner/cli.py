@@ -26,7 +26,31 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def parse_seconds(text: str) -> float:
+    """A finite positive number of seconds (NaN, infinities, zero and negatives refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite positive number of seconds")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
+    from .supervisor import (DEFAULT_HANDSHAKE_SECONDS, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_QUEUED_BYTES,
+                             DEFAULT_SEND_SECONDS, DEFAULT_TIMEOUT)
+
     parser = argparse.ArgumentParser(prog="python -m runner", description="the sourcebox worker")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start a worker server on a Unix socket (runs until stopped)")
@@ -37,13 +61,30 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     serve.add_argument("--confine", default="best-effort", choices=("best-effort", "required", "off"),
                        help="OS confinement: apply what this kernel offers, demand all of it, or none")
-    serve.add_argument("--timeout", type=float, default=None, help="seconds a request may run (default: no limit)")
+    serve.add_argument("--timeout", type=parse_seconds, default=DEFAULT_TIMEOUT,
+                       help=f"the most seconds a request may run; a client may ask for less, never more "
+                            f"(default {DEFAULT_TIMEOUT:g})")
     serve.add_argument("--memory-limit", type=parse_size, default=None,
                        help="RSS (and CUDA memory) past which the worker is restarted, e.g. 4G")
     serve.add_argument("--shm-threshold", type=parse_size, default=DEFAULT_SHM_THRESHOLD,
                        help="frames at least this large travel through shared memory")
     serve.add_argument("--handlers", default="", help="comma-separated modules that register request kinds")
-    serve.add_argument("--start-timeout", type=float, default=600.0, help="seconds the worker may take to start")
+    serve.add_argument("--start-timeout", type=parse_seconds, default=600.0,
+                       help="seconds the worker may take to start")
+    serve.add_argument("--threads", type=_positive_int, default=None,
+                       help="threads the worker's torch (OpenMP, MKL) pools may use (default: half the CPUs "
+                            "this process may run on, at least 1)")
+    serve.add_argument("--max-clients", type=_positive_int, default=DEFAULT_MAX_CLIENTS,
+                       help=f"connections served at once; more are refused as busy (default {DEFAULT_MAX_CLIENTS})")
+    serve.add_argument("--max-queued-bytes", type=parse_size, default=DEFAULT_MAX_QUEUED_BYTES,
+                       help="bytes one client's queued requests may hold in the server, and its largest "
+                            f"message; more is refused as busy (default {DEFAULT_MAX_QUEUED_BYTES >> 20}M)")
+    serve.add_argument("--handshake-timeout", type=parse_seconds, default=DEFAULT_HANDSHAKE_SECONDS,
+                       help=f"seconds a new connection has for its greeting and hello "
+                            f"(default {DEFAULT_HANDSHAKE_SECONDS:g})")
+    serve.add_argument("--send-timeout", type=parse_seconds, default=DEFAULT_SEND_SECONDS,
+                       help=f"seconds a send to a client (or the worker) may wait for it to read; then it is "
+                            f"dropped (default {DEFAULT_SEND_SECONDS:g})")
     serve.add_argument("--owner", type=int, default=None, help="stop when this process exits")
     serve.add_argument("--secret-fd", type=int, default=None,
                        help="read the server's secret from this inherited pipe (how runner.Worker starts "
@@ -71,7 +112,9 @@ def _serve(args: argparse.Namespace) -> int:
         args.socket, model=args.model, device=args.device, policy=args.policy, confine=args.confine,
         timeout=args.timeout, memory_limit=args.memory_limit, shm_threshold=args.shm_threshold,
         handlers=tuple(name for name in args.handlers.split(",") if name), start_timeout=args.start_timeout,
-        owner_pid=args.owner, secret=secret, trust_worker_channel=args.test_only_trust_worker_channel,
+        owner_pid=args.owner, secret=secret, threads=args.threads, max_clients=args.max_clients,
+        max_queued_bytes=args.max_queued_bytes, handshake_timeout=args.handshake_timeout,
+        send_timeout=args.send_timeout, trust_worker_channel=args.test_only_trust_worker_channel,
     )
     return supervisor.serve()
 

@@ -33,7 +33,7 @@ from .errors import ProtocolError, WorkerCrashed, WorkerStartError, describe_exi
 from .handlers import MODEL, MODEL_TOKEN
 from .protocol import DEFAULT_SHM_THRESHOLD, Connection, SharedRef
 from .cli import DEFAULT_POLICY
-from .supervisor import PACKAGE_ROOT
+from .supervisor import PACKAGE_ROOT, check_seconds
 
 _OUTPUT_TAIL_LINES = 30
 _HANDSHAKE_SECONDS = 30.0
@@ -107,7 +107,9 @@ class Worker:
     or policy file (default: sandbox's default profile). ``socket``: connect to the server
     listening there, or start one there if none is. ``device``: ``"cpu"``, ``"cuda"``,
     ``"auto"``. ``timeout``: seconds a request may run before the worker is killed and
-    restarted. ``memory_limit``: bytes of RSS (and of CUDA memory) past which the worker
+    restarted; for a server this ``Worker`` starts, also that server's maximum (else the
+    server's ``--timeout`` caps it). ``threads``: the worker's torch thread budget
+    (``serve --threads``). ``memory_limit``: bytes of RSS (and of CUDA memory) past which the worker
     is killed and restarted. ``confine``: ``"best-effort"``, ``"required"`` or ``"off"``.
     The server-side settings apply only when this ``Worker`` starts the server.
 
@@ -122,10 +124,10 @@ class Worker:
                  device: str = "auto", timeout: float | None = None, memory_limit: int | None = None,
                  confine: str = "best-effort", *, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
                  start_timeout: float = 600.0, handlers: tuple[str, ...] = (),
-                 reconnect: float = DEFAULT_RECONNECT_SECONDS):
+                 reconnect: float = DEFAULT_RECONNECT_SECONDS, threads: int | None = None):
         self.shm_threshold = shm_threshold
         self.reconnect = reconnect
-        self.timeout = timeout
+        self.timeout = None if timeout is None else check_seconds(timeout, "timeout")
         self._server: subprocess.Popen | None = None
         self._server_output: collections.deque = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
         self._own_dir: str | None = None
@@ -154,7 +156,7 @@ class Worker:
                 socket = os.path.join(self._own_dir, "worker.sock")
             self.socket_path = os.path.abspath(socket)
             self._start_args = (model, policy, device, timeout, memory_limit, confine, shm_threshold,
-                                start_timeout, handlers)
+                                start_timeout, handlers, threads)
             self._start_server(*self._start_args)
         self.policy = None
         try:
@@ -168,7 +170,7 @@ class Worker:
 
     # -- set-up ------------------------------------------------------------------------
     def _start_server(self, model, policy, device, timeout, memory_limit, confine, shm_threshold,
-                      start_timeout, handlers) -> None:
+                      start_timeout, handlers, threads) -> None:
         argv = [sys.executable, "-m", "runner", "serve", "--socket", self.socket_path, "--model", model,
                 "--device", device, "--confine", confine, "--shm-threshold", str(shm_threshold),
                 "--owner", str(os.getpid()), "--start-timeout", str(start_timeout)]
@@ -180,6 +182,8 @@ class Worker:
             argv += ["--memory-limit", str(memory_limit)]
         if handlers:
             argv += ["--handlers", ",".join(handlers)]
+        if threads is not None:
+            argv += ["--threads", str(threads)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), PACKAGE_ROOT]))
         # The secret travels through a pipe the server reads once: not in argv or the
@@ -255,7 +259,7 @@ class Worker:
             return capture.encode(payload, policy=self.policy, persistent_id=_model_token, label="payload",
                                   known_sources=known)
 
-        return self._submit(kind, timeout or self.timeout, encode=encode).result()
+        return self._submit(kind, self.timeout if timeout is None else timeout, encode=encode).result()
 
     def run_bytes(self, data: bytes, kind: str = "call", *, timeout: float | None = None) -> bytes:
         """Run a request given as bundle bytes (``encode_call``); return outcome bytes.
@@ -264,7 +268,7 @@ class Worker:
         holds the result or the error, and ``decode_result`` turns it back into either,
         wherever it ends up. Runner failures (a crash, a timeout) are outcomes too.
         """
-        return self._submit(kind, timeout or self.timeout, data=data).result()
+        return self._submit(kind, self.timeout if timeout is None else timeout, data=data).result()
 
     def _submit(self, kind: str, timeout: float | None, *, encode: Callable | None = None,
                 data: bytes | None = None) -> concurrent.futures.Future:
@@ -274,7 +278,7 @@ class Worker:
         form = "frames" if data is None else "bytes"
         meta = {"kind": kind, "form": form, "reply": form}
         if timeout is not None:
-            meta["timeout"] = timeout
+            meta["timeout"] = check_seconds(timeout, "timeout")
         entry = _Pending(concurrent.futures.Future(), meta, [], encode=encode, raw_reply=data is not None)
         if encode is None:
             entry.frames = [memoryview(data)]

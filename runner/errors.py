@@ -50,6 +50,11 @@ class WorkerStopped(RunnerError):
     """The worker server stopped before this request ran."""
 
 
+class ServerBusy(RunnerError):
+    """The server is at one of its limits (connections, or bytes and descriptors queued
+    for this client): nothing was run; try again later or wait for replies first."""
+
+
 class WorkerCrashed(RunnerError):
     """The worker process died while running this request.
 
@@ -116,8 +121,13 @@ def describe_exit(returncode: int) -> str:
 
 
 # Failures the worker sends back carry a category so the client rebuilds the right type.
-USER, CRASHED, TIMEOUT, MEMORY, STOPPED, START, RUNNER = (
-    "user", "crashed", "timeout", "memory", "stopped", "start", "runner")
+USER, CRASHED, TIMEOUT, MEMORY, STOPPED, START, RUNNER, BUSY = (
+    "user", "crashed", "timeout", "memory", "stopped", "start", "runner", "busy")
+# Texts a failure carries (messages, traceback lines, output tails) are cut to this many
+# characters, so a failure's reply always fits a message header (docs/RUNNER.md, "Limits").
+MAX_TEXT_CHARS = 64 << 10
+_MAX_FRAMES = 200
+_INT64 = (-(1 << 63), (1 << 64) - 1)  # what msgpack can carry
 _CATEGORY_TYPES = {
     CRASHED: WorkerCrashed, TIMEOUT: RequestTimeout, MEMORY: MemoryLimitExceeded,
 }
@@ -131,21 +141,35 @@ def describe(exc: BaseException, *, skip_dirs: tuple[str, ...] = ()) -> dict:
     called.
     """
     frames = [
-        [frame.filename, frame.lineno, frame.name, frame.line or ""]
+        [cut(frame.filename, 4096), frame.lineno, cut(frame.name, 4096), cut(frame.line or "", 4096)]
         for frame in traceback.extract_tb(exc.__traceback__)
         if not frame.filename.startswith(skip_dirs)
     ]
+    if len(frames) > _MAX_FRAMES:  # deep recursion: the first and the last frames tell
+        frames = frames[:_MAX_FRAMES // 2] + [["...", 0, f"{len(frames) - _MAX_FRAMES} frames cut", ""]] + \
+            frames[-_MAX_FRAMES // 2:]
     cls = type(exc)
+    # Only values that travel as they are, and short: anything else (an int past 64 bits,
+    # a 20 MiB string) would make the reply itself fail to encode or exceed its limit.
+    args = list(exc.args) if len(exc.args) <= 64 and all(_plain(a) for a in exc.args) else None
+    attributes = {k: v for k, v in list(vars(exc).items())[:64] if isinstance(k, str) and len(k) <= 256 and _plain(v)}
     return {
         "category": USER,
-        "module": cls.__module__,
-        "qualname": cls.__qualname__,
-        "message": _safe_str(exc),
-        "args": list(exc.args) if all(_plain(a) for a in exc.args) else None,
-        "attributes": {k: v for k, v in vars(exc).items() if isinstance(k, str) and _plain(v)},
+        "module": cut(cls.__module__ if isinstance(cls.__module__, str) else "?", 1024),
+        "qualname": cut(cls.__qualname__, 1024),
+        "message": cut(_safe_str(exc)),
+        "args": args,
+        "attributes": attributes,
         "traceback": frames,
-        "text": "".join(traceback.format_exception_only(cls, exc)).strip(),
+        "text": cut(_safe_text(cls, exc)),
     }
+
+
+def cut(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """``text`` cut to at most about ``limit`` characters, with a marker saying how many were cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}[... {len(text) - limit} more characters cut]"
 
 
 def failure(category: str, message: str, **extra: Any) -> dict:
@@ -182,6 +206,8 @@ def _rebuild(info: dict) -> BaseException:
         return WorkerStartError(message)
     if category == RUNNER:
         return RunnerError(message)
+    if category == BUSY:
+        return ServerBusy(message)
     exc = _original_type_instance(info) or RemoteError(
         f"{info.get('module')}.{info.get('qualname')}", message)
     frames = [frame for frame in info.get("traceback") or () if _frame_like(frame)]
@@ -233,7 +259,18 @@ def _frame_like(frame: Any) -> bool:
 
 
 def _plain(value: Any) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool, bytes))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _INT64[0] <= value <= _INT64[1]
+    if isinstance(value, (str, bytes)):
+        return len(value) <= 4096
+    return value is None or isinstance(value, (float, bool))
+
+
+def _safe_text(cls: type, exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception_only(cls, exc)).strip()
+    except Exception as inner:
+        return f"{cls.__qualname__}: <formatting failed: {type(inner).__name__}>"
 
 
 def _safe_str(exc: BaseException) -> str:

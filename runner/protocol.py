@@ -59,6 +59,8 @@ _ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 DEFAULT_SHM_THRESHOLD = 128 << 10
 # Inline areas above this get a one-off buffer instead of growing the reused one for good.
 _REUSED_BUFFER_LIMIT = 64 << 20
+# The first step of a buffer grown as a large message's bytes arrive (``Connection._fill``).
+_FIRST_GROWTH = 1 << 20
 _IOV_BATCH = 512
 
 
@@ -187,6 +189,8 @@ class Connection:
         """Lay out a message's frames: large ones copied into a pool buffer now, the rest
         inline (copied out of ``frames`` too when ``own``: the worker stages its reply
         before it lets go of the request's memory, which a result may view)."""
+        if len(frames) > MAX_FRAMES:  # the receiver would refuse it: fail here, where it is clear
+            raise ValueError(f"a message carries at most {MAX_FRAMES} frames, not {len(frames)}")
         fds = list(fds)
         descriptors, inline, large = [], [], []
         for index, frame in enumerate(frames):
@@ -285,11 +289,20 @@ class Connection:
 
     def _fill(self, nbytes: int, attribute: str) -> bytearray:
         buffer = getattr(self, attribute)
-        if nbytes > len(buffer):
-            buffer = bytearray(nbytes)
-            if nbytes <= _REUSED_BUFFER_LIMIT:
-                setattr(self, attribute, buffer)
-        self._recv_exact(memoryview(buffer)[:nbytes], mid_message=True)
+        if nbytes <= len(buffer):
+            self._recv_exact(memoryview(buffer)[:nbytes], mid_message=True)
+            return buffer
+        # A new buffer, grown as the bytes arrive (doubling): a peer that declares a size
+        # and sends nothing gets no memory for it.
+        buffer, received = bytearray(min(nbytes, _FIRST_GROWTH)), 0
+        while True:
+            self._recv_exact(memoryview(buffer)[received:], mid_message=True)
+            received = len(buffer)
+            if received == nbytes:
+                break
+            buffer.extend(bytes(min(received, nbytes - received)))
+        if nbytes <= _REUSED_BUFFER_LIMIT:
+            setattr(self, attribute, buffer)
         return buffer
 
     def _parse(self, header_bytes: memoryview, inline: memoryview) -> Message:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import glob
 import hmac
 import itertools
@@ -36,15 +37,18 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
+import msgpack
 import psutil
 
 from . import auth
 from . import errors
 from . import shm
-from .errors import BadMessage, ProtocolError, ProtocolVersionError, describe_exit, failure
-from .protocol import DEFAULT_SHM_THRESHOLD, PROTOCOL_VERSION, Connection, ConnectionClosed, Message
+from .errors import BadMessage, ProtocolError, ProtocolVersionError, cut, describe_exit, failure
+from .protocol import (DEFAULT_SHM_THRESHOLD, GREETING_MAGIC, PROTOCOL_VERSION, Connection, ConnectionClosed, Message,
+                       SharedRef)
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # How often the scheduler wakes to check the worker's memory, deadline and health.
@@ -52,15 +56,114 @@ _POLL_SECONDS = 0.05
 _PING_INTERVAL = 5.0
 _PING_TIMEOUT = 10.0
 _STOP_GRACE = 10.0
-# A client that does not read its replies for this long is dropped, not waited on.
-_CLIENT_SEND_TIMEOUT = 30.0
 _TAIL_LINES = 30
+# Limits (docs/RUNNER.md, "Limits"): what one request or one connection may hold of the
+# server, each checked before memory is given or a thread waits.
+DEFAULT_TIMEOUT = 600.0            # --timeout: the most a request may run; a client may ask less
+DEFAULT_MAX_CLIENTS = 64           # --max-clients: connections at once, handshaking ones included
+DEFAULT_MAX_QUEUED_BYTES = 256 << 20  # --max-queued-bytes: per client, also its largest message
+DEFAULT_HANDSHAKE_SECONDS = 10.0   # --handshake-timeout: greeting and hello of a new connection
+DEFAULT_SEND_SECONDS = 30.0        # --send-timeout: a peer that does not read for this long is dropped
+MAX_QUEUED_FDS = 256               # descriptors queued per client (a request carries up to 8)
+MAX_OUTBOX_BYTES = 64 << 20        # replies waiting to go out to one client
+MAX_KIND_CHARS = 256               # a request kind's name
+MAX_LINE_CHARS = 4096              # one line of the worker's output, as logged and in tails
+_SLOT_WAIT = 0.5                   # a new connection at the cap waits this long for a slot
+_REFUSED_GRACE = 1.0               # a refused connection is held this long so it can read why
+_ACCEPT_BACKOFF = (0.05, 2.0)      # first and longest pause after a failed accept (EMFILE...)
 _RESTART_ATTEMPTS = 3
 # A message the worker has begun must be whole within this (1 GiB inline at 200 MB/s):
 # user code can write part of one on the channel and stop.
 _CHANNEL_READ_SECONDS = 5.0
 # What answers what on the worker's channel.
 _ANSWERS = {"request": ("reply", "error", "miss"), "ping": ("pong",), "start": ("ready", "failed")}
+
+
+class _Outbox:
+    """Messages to one client, sent by a thread of its own, so that a client that stops
+    reading holds up no one: not the scheduler, not other clients. Bounded: past
+    ``MAX_OUTBOX_BYTES`` waiting (beyond a first answer, which may be as large as a message
+    may be), or a send stuck for the send timeout (``SO_SNDTIMEO``), the client is dropped
+    (``on_fail``). A posted ``Message`` (a forwarded reply) is the
+    outbox's to close, sent or not."""
+
+    def __init__(self, conn: Connection, on_fail, name: str):
+        self._conn, self._on_fail = conn, on_fail
+        self._cond = threading.Condition()
+        self._items: collections.deque = collections.deque()
+        self._bytes = 0
+        self._sending = False
+        self._closed = False
+        threading.Thread(target=self._run, daemon=True, name=name).start()
+
+    def post(self, kind: str, request_id: int, meta: dict | None = None, message: Message | None = None) -> None:
+        frames = message.frames if message is not None else []
+        try:
+            size = len(msgpack.packb(meta or {}, use_bin_type=True)) + \
+                sum(memoryview(f).nbytes for f in frames if not isinstance(f, SharedRef))
+        except (TypeError, ValueError, OverflowError):
+            size = 0  # sending fails the same way, and says so
+        with self._cond:
+            # One answer of any size the protocol allows may wait; more may not pile up.
+            if not self._closed and (self._bytes == 0 or self._bytes + size <= MAX_OUTBOX_BYTES):
+                self._items.append((kind, request_id, meta, message, size))
+                self._bytes += size
+                self._cond.notify()
+                return
+            full = not self._closed
+        if message is not None:
+            message.close()
+        if full:
+            self._on_fail(f"more than {MAX_OUTBOX_BYTES} bytes of replies waited for it to read them")
+
+    def close(self, flush_seconds: float = 0.0) -> None:
+        """Stop; what is still waiting after ``flush_seconds`` is dropped."""
+        deadline = time.monotonic() + flush_seconds
+        with self._cond:
+            while (self._items or self._sending) and not self._closed and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            self._closed = True
+            dropped, self._items = list(self._items), collections.deque()
+            self._cond.notify_all()
+        for item in dropped:
+            if item[3] is not None:
+                item[3].close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                kind, request_id, meta, message, size = self._items.popleft()
+                self._sending = True
+            try:
+                if message is None:
+                    self._conn.send(kind, request_id, meta)
+                else:
+                    self._conn.send(kind, request_id, meta, message.frames, message.fds)
+            except (TypeError, ValueError, OverflowError) as exc:  # nothing went out: say why instead
+                try:
+                    self._conn.send("error", request_id, {"error": failure(errors.RUNNER, cut(
+                        f"the server could not send its {kind!r} answer: {type(exc).__name__}: {exc}"))})
+                except OSError:
+                    self._fail("a send to it failed")
+                    return
+            except OSError as exc:
+                self._fail(f"a send to it failed or took longer than the send timeout ({exc.strerror or exc})")
+                return
+            finally:
+                if message is not None:
+                    message.close()
+                with self._cond:
+                    self._bytes -= size
+                    self._sending = False
+                    self._cond.notify_all()
+
+    def _fail(self, why: str) -> None:
+        self.close()
+        self._on_fail(why)
 
 
 @dataclass(eq=False)
@@ -73,6 +176,12 @@ class ClientSession:
     nonces: tuple = (b"", b"")  # the client's and ours, from the hello and the welcome
     owner: bool = False         # it proved it holds the server's secret
     rerun: set = field(default_factory=set)  # ids of its requests already run a second time
+    outbox: _Outbox | None = None
+    queued_bytes: int = 0       # of its queued requests (headers and inline frames)
+    queued_fds: int = 0
+
+    def post(self, kind: str, request_id: int, meta: dict | None = None, message: Message | None = None) -> None:
+        self.outbox.post(kind, request_id, meta, message)
 
 
 @dataclass(eq=False)
@@ -174,10 +283,12 @@ class Supervisor:
     """Serve ``socket_path`` until stopped (``serve()`` returns the exit status)."""
 
     def __init__(self, socket_path: str, *, model: str = "tiny-gpt2", device: str = "auto",
-                 policy: str | None = None, confine: str = "best-effort", timeout: float | None = None,
+                 policy: str | None = None, confine: str = "best-effort", timeout: float = DEFAULT_TIMEOUT,
                  memory_limit: int | None = None, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
                  handlers: tuple[str, ...] = (), start_timeout: float = 600.0,
-                 owner_pid: int | None = None, secret: bytes | None = None,
+                 owner_pid: int | None = None, secret: bytes | None = None, threads: int | None = None,
+                 max_clients: int = DEFAULT_MAX_CLIENTS, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_SECONDS, send_timeout: float = DEFAULT_SEND_SECONDS,
                  trust_worker_channel: bool = False, log=sys.stderr):
         self.socket_path = os.path.abspath(socket_path)
         # Given by the Worker that starts us, or made here and written beside the socket.
@@ -189,6 +300,12 @@ class Supervisor:
         self._trust_worker_channel = trust_worker_channel
         self.model, self.device, self.policy, self.confine = model, device, policy, confine
         self.timeout, self.memory_limit = timeout, memory_limit
+        self.threads = threads if threads is not None else default_threads()
+        self.max_clients, self.max_queued_bytes = max_clients, max_queued_bytes
+        self.handshake_timeout, self.send_timeout = handshake_timeout, send_timeout
+        self._connections = 0  # accepted and not yet gone, handshaking ones included
+        self._refused: collections.deque = collections.deque()  # (socket, when to close it)
+        self._refusals, self._refusal_logged = 0, float("-inf")
         self.shm_threshold, self.handlers, self.start_timeout = shm_threshold, handlers, start_timeout
         self.owner_pid = owner_pid
         self._owner_checked = 0.0
@@ -246,16 +363,19 @@ class Supervisor:
         self.state = "starting" if not self._ready.is_set() else "restarting"
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # A worker that stops reading must not stall our sends to it either.
-        parent_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(_CLIENT_SEND_TIMEOUT), 0))
+        _set_send_timeout(parent_end, self.send_timeout)
         scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
         argv = [sys.executable, "-m", "runner.worker", "--channel-fd", str(child_end.fileno()),
                 "--parent-pid", str(os.getpid()), "--model", self.model, "--device", self.device,
                 "--confine", self.confine, "--handlers", ",".join(self.handlers),
-                "--shm-threshold", str(self.shm_threshold), "--scratch", scratch]
+                "--shm-threshold", str(self.shm_threshold), "--scratch", scratch, "--threads", str(self.threads)]
         if self.policy:
             argv += ["--policy", self.policy]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), PACKAGE_ROOT]))
+        # Temporary files the worker's libraries make before confinement (torch's
+        # torchinductor_<user> cache at import) land in its scratch, removed with it.
+        env["TMPDIR"] = scratch
         # cwd is the scratch directory so `-m` puts nothing of the user's on sys.path.
         popen = subprocess.Popen(argv, pass_fds=(child_end.fileno(),), cwd=scratch, env=env,
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -282,14 +402,38 @@ class Supervisor:
         self._say(f"worker {worker.pid} ready in {message.meta.get('load_seconds', 0):.1f}s")
 
     def _pump_output(self, worker: WorkerHandle) -> None:
-        for raw in iter(worker.popen.stdout.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            worker.tail.append(line)
+        """Log the worker's output and keep its tail, a line at a time, each line cut to
+        ``MAX_LINE_CHARS`` and its control characters escaped: user code writes there."""
+        fd = worker.popen.stdout.fileno()
+        line, cut_bytes = bytearray(), 0
+        while True:
             try:
-                self.log.write(line)
-                self.log.flush()
-            except (OSError, ValueError):
-                pass
+                chunk = os.read(fd, 1 << 16)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                if line or cut_bytes:
+                    self._log_worker_line(worker, line, cut_bytes)
+                return
+            pieces = chunk.split(b"\n")
+            for index, piece in enumerate(pieces):
+                room = MAX_LINE_CHARS - len(line)
+                line += piece[:room]
+                cut_bytes += len(piece) - len(piece[:room])
+                if index < len(pieces) - 1:  # a newline ended this line
+                    self._log_worker_line(worker, line, cut_bytes)
+                    line, cut_bytes = bytearray(), 0
+
+    def _log_worker_line(self, worker: WorkerHandle, raw: bytearray, cut_bytes: int) -> None:
+        text = escape_controls(raw.decode("utf-8", "replace"))
+        if cut_bytes:
+            text += f"[... {cut_bytes} more bytes of this line cut]"
+        worker.tail.append(text + "\n")
+        try:
+            self.log.write(text + "\n")
+            self.log.flush()
+        except (OSError, ValueError):
+            pass
 
     def _wait_message(self, worker: WorkerHandle, deadline: float, what: str,
                       wanted_id: int | None = None) -> Message:
@@ -427,9 +571,15 @@ class Supervisor:
                     self._idle_check()
                 else:
                     self._execute(*item)
-            except _WorkerLost as lost:
-                outcome = self._lose_worker(lost)
-                if item is not None and not (lost.rerun and self._rerun(*item)):
+            except Exception as exc:
+                if not isinstance(exc, _WorkerLost):
+                    # Our own bug, met on this request or while idle: the channel's state
+                    # is unknown, so the worker starts afresh; serving goes on.
+                    self._say(f"internal error: {cut(traceback.format_exc())}")
+                    exc = _WorkerLost(errors.CRASHED, cut(f"the server met an internal error ({type(exc).__name__}: "
+                                                          f"{exc}); the worker was restarted", 4096))
+                outcome = self._lose_worker(exc)
+                if item is not None and not (exc.rerun and self._rerun(*item)):
                     item[1].close()
                     self._reply_failure(item[0], item[1].id, outcome)
 
@@ -442,6 +592,8 @@ class Supervisor:
                 if not client.queue:
                     continue
                 message = client.queue.popleft()
+                client.queued_bytes -= _held(message)
+                client.queued_fds -= len(message.fds)
                 if client.queue:
                     self._rotation.append(client)
                 self._running = (client, message.id)
@@ -457,6 +609,8 @@ class Supervisor:
                 return False
             client.rerun.add(message.id)
             client.queue.appendleft(message)
+            client.queued_bytes += _held(message)
+            client.queued_fds += len(message.fds)
             if client not in self._rotation:
                 self._rotation.appendleft(client)
             self._lock.notify_all()
@@ -491,14 +645,19 @@ class Supervisor:
         worker = self.worker
         meta = message.meta
         request_id = self._new_id()
-        timeout = meta.get("timeout") or self.timeout
-        deadline = time.monotonic() + timeout if timeout else float("inf")
+        # The server's timeout is a maximum: a client may ask for less, never more.
+        deadline = time.monotonic() + min(meta.get("timeout") or self.timeout, self.timeout)
         if not self._trust_worker_channel:
             self._drain(worker)
         try:
             worker.conn.send("request", request_id, {
                 "kind": meta["kind"], "form": meta.get("form", "frames"), "reply": meta.get("reply", "frames"),
             }, message.frames, message.fds)
+        except (TypeError, ValueError, OverflowError) as exc:  # refused before a byte went out
+            message.close()
+            self._reply_failure(client, message.id, failure(errors.RUNNER, cut(
+                f"bad request: it cannot be forwarded to the worker ({exc})")))
+            return
         except OSError:
             raise _WorkerLost(errors.CRASHED, "the worker died") from None
         reply = self._wait_message(worker, deadline, "request", request_id)
@@ -510,22 +669,14 @@ class Supervisor:
             self._running = None
             client.rerun.discard(message.id)
         message.close()  # answered: the worker had its own copies of its descriptors
-        try:
-            if client.alive:
-                client.conn.send(reply.kind, message.id, reply.meta, reply.frames, reply.fds)
-        except OSError:
-            self._client_gone(client)
-        finally:
-            reply.close()  # the client has its own copies now (or nobody wants them)
+        # Out through the client's outbox, which closes the reply's descriptors once sent;
+        # its inline frames are copied out of the channel's receive buffer first.
+        client.post(reply.kind, message.id, reply.meta, reply.detach())
 
     def _reply_failure(self, client: ClientSession, request_id: int, info: dict) -> None:
         with self._lock:
             self._running = None
-        if client.alive:
-            try:
-                client.conn.send("error", request_id, {"error": info})
-            except OSError:
-                self._client_gone(client)
+        client.post("error", request_id, {"error": info})
 
     def _fail_queued(self, info: dict) -> None:
         with self._lock:
@@ -539,32 +690,103 @@ class Supervisor:
 
     # -- clients -----------------------------------------------------------------------
     def _accept(self) -> None:
+        """Accept until stopped. A failed accept (out of descriptors: EMFILE, ENFILE; out
+        of memory) is waited out with a growing pause, never the end of accepting."""
+        pause = 0.0
+        self._listener.settimeout(_REFUSED_GRACE / 2)  # to close refused connections on time
         while not self._stopping.is_set():
+            self._close_refused(time.monotonic())
             try:
                 sock, _ = self._listener.accept()
-            except OSError:
-                return
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                if self._stopping.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return  # the listener was closed: we are stopping
+                pause = min(max(pause * 2, _ACCEPT_BACKOFF[0]), _ACCEPT_BACKOFF[1])
+                self._say(f"accept failed ({exc.strerror or exc}); trying again in {pause:g}s")
+                self._stopping.wait(pause)
+                continue
+            pause = 0.0
+            sock.settimeout(None)
+            with self._lock:
+                # A slot held by a connection just closing (a client's probe of the path
+                # before it connects for real) is worth a moment's wait.
+                busy = not self._lock.wait_for(lambda: self._connections < self.max_clients, _SLOT_WAIT)
+                if not busy:
+                    self._connections += 1
+            if busy:
+                self._refuse(sock)
+                continue
             threading.Thread(target=self._serve_client, args=(sock,), daemon=True, name="client").start()
 
-    def _serve_client(self, sock: socket.socket) -> None:
-        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
-        # Replies to a client that stopped reading must not stall everyone else.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(_CLIENT_SEND_TIMEOUT), 0))
-        conn = Connection(sock)
+    def _refuse(self, sock: socket.socket) -> None:
+        """Tell a connection over the cap why, without a thread: our greeting and a busy
+        error go out at once (they fit the socket's buffer), then the socket is held
+        half-closed for ``_REFUSED_GRACE`` so the client's hello lands and it reads them."""
+        self._refusals += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= 1.0:  # a flood of connections must not flood the log
+            self._refusal_logged = now
+            self._say(f"refused {self._refusals} connection(s) so far: {self.max_clients} are open (--max-clients)")
         try:
-            conn.greet(peer=f"client pid {pid}")
-            client = self._welcome(conn, pid)
-        except (ProtocolError, OSError) as exc:
-            if isinstance(exc, ProtocolVersionError):
-                self._say(f"refused client pid {pid}: {exc}")
-            conn.close()
+            sock.setblocking(False)
+            conn = Connection(sock)
+            conn.sock.send(struct.pack("<8sI", GREETING_MAGIC, PROTOCOL_VERSION))
+            conn.send("error", 0, {"error": failure(errors.BUSY, (
+                f"the worker server at {self.socket_path} is busy: it serves {self.max_clients} connections "
+                "already (its --max-clients); try again later"))})
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
             return
+        self._refused.append((sock, time.monotonic() + _REFUSED_GRACE))
+        while len(self._refused) > self.max_clients:  # held ones are bounded too
+            self._refused.popleft()[0].close()
+
+    def _close_refused(self, now: float) -> None:
+        while self._refused and self._refused[0][1] <= now:
+            self._refused.popleft()[0].close()
+
+    def _serve_client(self, sock: socket.socket) -> None:
+        client = None
+        try:
+            pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+            # Replies to a client that stopped reading must not stall its outbox for ever.
+            _set_send_timeout(sock, self.send_timeout)
+            # A message larger than the client may queue is refused before it is read.
+            conn = Connection(sock, max_inline_bytes=self.max_queued_bytes)
+            try:
+                with _deadline(sock, self.handshake_timeout):  # a connection that says nothing is dropped
+                    conn.greet(peer=f"client pid {pid}")
+                    client = self._welcome(conn, pid)
+            except (ProtocolError, OSError) as exc:
+                if isinstance(exc, ProtocolVersionError):
+                    self._say(f"refused client pid {pid}: {exc}")
+                if client is not None:
+                    return  # the deadline struck just after the welcome: gone in finally
+                conn.close()
+                return
+            self._read_client(client)  # an idle client may stay (it holds a connection)
+        except Exception as exc:  # our own bug: this connection ends, serving goes on
+            self._say(f"dropped a client connection after an internal error: {cut(traceback.format_exc())}")
+            if client is None:
+                sock.close()
+        finally:
+            if client is not None:
+                self._client_gone(client)
+            with self._lock:
+                self._connections -= 1
+                self._lock.notify_all()
+
+    def _read_client(self, client: ClientSession) -> None:
+        conn = client.conn
         try:
             while True:
                 try:
                     message = conn.recv()
                 except BadMessage as exc:
-                    conn.send("error", exc.request_id or 0, {"error": failure(errors.RUNNER, str(exc))})
+                    client.post("error", exc.request_id or 0, {"error": failure(errors.RUNNER, cut(str(exc)))})
                     continue
                 if message.kind != "request":
                     message.close()  # only requests carry memory
@@ -572,15 +794,11 @@ class Supervisor:
                     return
         except ProtocolError as exc:
             if not isinstance(exc, ConnectionClosed):
-                self._say(f"dropped client pid {pid}: {exc}")
-                try:
-                    conn.send("error", 0, {"error": failure(errors.RUNNER, f"connection dropped: {exc}")})
-                except OSError:
-                    pass
+                self._say(f"dropped client pid {client.pid}: {exc}")
+                client.post("error", 0, {"error": failure(errors.RUNNER, cut(f"connection dropped: {exc}"))})
+                client.outbox.close(flush_seconds=1.0)
         except OSError:
             pass
-        finally:
-            self._client_gone(client)
 
     def _welcome(self, conn: Connection, pid: int) -> ClientSession:
         hello = conn.recv()
@@ -589,15 +807,21 @@ class Supervisor:
         if hello.kind != "hello" or not (isinstance(nonce, bytes) and len(nonce) == auth.NONCE_BYTES):
             raise BadMessage(f"the first message must be a hello carrying a {auth.NONCE_BYTES}-byte nonce")
         ours = auth.new_nonce()
-        client = ClientSession(next(self._client_ids), conn, pid, nonces=(nonce, ours))
-        with self._lock:
-            self._clients[client.id] = client
         conn.send("welcome", hello.id, {
             "protocol": PROTOCOL_VERSION, "server_pid": os.getpid(), "model": self.model, "policy": self.policy,
             "device": self.device, "shm_threshold": self.shm_threshold, "state": self.state,
             "nonce": ours, "proof": auth.proof(self._secret, b"server", nonce, ours, os.getpid(), pid),
         })
+        client = ClientSession(next(self._client_ids), conn, pid, nonces=(nonce, ours))
+        client.outbox = _Outbox(conn, lambda why: self._drop(client, why), name=f"client-{client.id}-outbox")
+        with self._lock:
+            self._clients[client.id] = client
         return client
+
+    def _drop(self, client: ClientSession, why: str) -> None:
+        if client.alive:
+            self._say(f"dropped client pid {client.pid}: {why}")
+        self._client_gone(client)
 
     def _handle(self, client: ClientSession, message: Message) -> bool:
         """Act on one client message; ``False`` ends the connection."""
@@ -605,43 +829,44 @@ class Supervisor:
         if kind == "request":
             self._enqueue(client, message)
         elif kind == "ping":
-            client.conn.send("pong", message.id)
+            client.post("pong", message.id)
         elif kind == "status":
-            client.conn.send("status", message.id, self.status())
+            client.post("status", message.id, self.status())
         elif kind == "wait_ready":
             self._ready.wait()
             if self._start_error is not None:
-                client.conn.send("error", message.id, {"error": failure(errors.START, self._start_error)})
+                client.post("error", message.id, {"error": failure(errors.START, cut(self._start_error))})
+                client.outbox.close(flush_seconds=1.0)
                 return False
-            client.conn.send("ready", message.id, self.status())
+            client.post("ready", message.id, self.status())
         elif kind == "auth":
             answer = message.meta.get("proof")
             expected = auth.proof(self._secret, b"client", *client.nonces, os.getpid(), client.pid)
             if isinstance(answer, bytes) and hmac.compare_digest(answer, expected):
                 client.owner = True
-                client.conn.send("owner", message.id)
+                client.post("owner", message.id)
             else:
-                client.conn.send("error", message.id, {"error": failure(
+                client.post("error", message.id, {"error": failure(
                     errors.RUNNER, "the proof of this server's secret does not match: this client is not its owner")})
         elif kind == "stop":
             if not client.owner:
                 self._say(f"refused stop from client pid {client.pid}, which is not the owner")
-                client.conn.send("error", message.id, {"error": failure(
+                client.post("error", message.id, {"error": failure(
                     errors.RUNNER, f"stop refused: only the owner of the worker server at {self.socket_path} may "
                                    "stop it (the runner.Worker that started it, or a client that can read "
                                    f"{auth.secret_path(self.socket_path)} when it was started from the command "
                                    "line); it goes on serving")})
             else:
-                client.conn.send("stopping", message.id)
-                self.stop()
+                self.stop()  # first: the answer may not reach a client that already left
+                client.post("stopping", message.id)
         else:
-            client.conn.send("error", message.id, {"error": failure(
-                errors.RUNNER, f"unknown message kind {kind!r} (expected request, ping, "
-                               "status, wait_ready, auth or stop)")})
+            client.post("error", message.id, {"error": failure(
+                errors.RUNNER, cut(f"unknown message kind {kind!r} (expected request, ping, "
+                                   "status, wait_ready, auth or stop)", 1024))})
         return True
 
     def _enqueue(self, client: ClientSession, message: Message) -> None:
-        problem = _request_problem(message.meta)
+        problem = _request_problem(message)
         if problem is None:
             try:
                 for index, fd in enumerate(message.fds):
@@ -650,21 +875,32 @@ class Supervisor:
                 problem = str(exc)
         if problem is not None:
             message.close()
-            client.conn.send("error", message.id, {"error": failure(errors.RUNNER, f"bad request: {problem}")})
+            client.post("error", message.id, {"error": failure(errors.RUNNER, cut(f"bad request: {problem}"))})
             return
         detached = message.detach()
+        # Only what is used is kept while it waits: the rest of its metadata may be large.
+        detached.meta = {key: message.meta[key] for key in ("kind", "form", "reply", "timeout") if key in message.meta}
+        size = _held(detached)
+        refusal = None
         with self._lock:
             if self._stopping.is_set():
-                stopping = True
+                refusal = failure(errors.STOPPED, "the worker server is stopping")
+            elif client.queued_bytes + size > self.max_queued_bytes or \
+                    client.queued_fds + len(detached.fds) > MAX_QUEUED_FDS:
+                refusal = failure(errors.BUSY, (
+                    f"the worker server is busy: this client's queued requests would hold more than "
+                    f"{self.max_queued_bytes} bytes (its --max-queued-bytes) or {MAX_QUEUED_FDS} descriptors; "
+                    "wait for replies before sending more"))
             else:
-                stopping = False
                 client.queue.append(detached)
+                client.queued_bytes += size
+                client.queued_fds += len(detached.fds)
                 if client not in self._rotation:
                     self._rotation.append(client)
                 self._lock.notify_all()
-        if stopping:
+        if refusal is not None:
             message.close()
-            client.conn.send("error", message.id, {"error": failure(errors.STOPPED, "the worker server is stopping")})
+            client.post("error", message.id, {"error": refusal})
 
     def _client_gone(self, client: ClientSession) -> None:
         with self._lock:
@@ -676,6 +912,8 @@ class Supervisor:
             self._clients.pop(client.id, None)
         for message in queued:
             message.close()
+        if client.outbox is not None:
+            client.outbox.close()
         client.conn.close()
 
     # -- status and shutdown -----------------------------------------------------------
@@ -701,7 +939,8 @@ class Supervisor:
             "served": self.served, "restarts": self.restarts, "last_crash": self.last_crash,
             "clients": clients, "queued": queued, "running": running, "rss": rss,
             "gpu": worker.gpu_bytes if worker is not None else None,
-            "memory_limit": self.memory_limit, "timeout": self.timeout,
+            "memory_limit": self.memory_limit, "timeout": self.timeout, "threads": self.threads,
+            "max_clients": self.max_clients, "max_queued_bytes": self.max_queued_bytes,
             "shm_threshold": self.shm_threshold, "sources": info.get("sources"),
         }
 
@@ -735,19 +974,91 @@ class Supervisor:
             self._dispose(worker)
         with self._lock:
             clients = list(self._clients.values())
+        flushed_by = time.monotonic() + 1.0  # answers already posted (stopping, errors) go out
         for client in clients:
+            client.outbox.close(flush_seconds=max(0.0, flushed_by - time.monotonic()))
             self._client_gone(client)
 
 
-def _request_problem(meta: dict) -> str | None:
-    if not isinstance(meta.get("kind"), str):
-        return "meta 'kind' (the request kind) must be a string"
-    if meta.get("form", "frames") not in ("frames", "bytes") or meta.get("reply", "frames") not in ("frames", "bytes"):
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f, *range(0x80, 0xa0)) if c != 0x09}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with terminal control characters (escape sequences, carriage returns...)
+    written out as ``\\xNN``, so user output cannot drive the terminal it reaches."""
+    return text.translate(_CONTROLS)
+
+
+def default_threads() -> int:
+    """The worker's thread budget unless ``--threads`` says otherwise: half the CPUs this
+    process may run on, at least 1, so a worker leaves room for its clients and for
+    other servers on the machine (docs/RUNNER.md, "Threads")."""
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def check_seconds(value, what: str) -> float:
+    """``value`` as a finite positive number of seconds, or a ``ValueError`` saying so."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{what} must be a finite positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _request_problem(message: Message) -> str | None:
+    meta = message.meta
+    kind, form = meta.get("kind"), meta.get("form", "frames")
+    if not isinstance(kind, str) or not 0 < len(kind) <= MAX_KIND_CHARS:
+        return f"meta 'kind' (the request kind) must be a string of 1 to {MAX_KIND_CHARS} characters"
+    if form not in ("frames", "bytes") or meta.get("reply", "frames") not in ("frames", "bytes"):
         return "meta 'form' and 'reply' must be 'frames' or 'bytes'"
-    timeout = meta.get("timeout")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-        return f"meta 'timeout' must be a positive number of seconds, got {timeout!r}"
+    if form == "bytes" and len(message.frames) != 1:
+        return f"a request in bytes form carries one frame (the bundle's bytes), not {len(message.frames)}"
+    if not message.frames:
+        return ("a request carries at least one frame (the bundle's header, then its tensor frames) and this "
+                "one has none; encode it with capture.encode and send bundle.header and bundle.frames")
+    if meta.get("timeout") is not None:
+        try:
+            check_seconds(meta["timeout"], "meta 'timeout'")
+        except ValueError as exc:
+            return str(exc)
     return None
+
+
+def _held(message: Message) -> int:
+    """Bytes a queued request holds of the server: its inline frames, and about what its
+    frames' objects and its kept metadata (a kind of at most ``MAX_KIND_CHARS``) take."""
+    return sum(len(f) for f in message.frames if isinstance(f, bytes)) + 128 * len(message.frames) + 512
+
+
+@contextlib.contextmanager
+def _deadline(sock: socket.socket, seconds: float):
+    """Bound everything inside by ``seconds`` in all: past it the socket is shut down
+    under whatever waits on it, which then fails."""
+    lock, state = threading.Lock(), []
+
+    def expire() -> None:
+        with lock:
+            if not state:
+                state.append("expired")
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        with lock:
+            expired = bool(state)
+            state.append("done")
+    if expired:
+        raise ProtocolError(f"the connection did not finish its handshake within {seconds:g}s")
+
+
+def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
 
 
 def _listen(path: str, secret: bytes | None) -> socket.socket:

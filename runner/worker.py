@@ -183,7 +183,16 @@ class Worker:
             staged = self.conn.stage([])
         frames = bundle = None
         memory.release()
-        buffer = self.conn.send_staged(kind, message.id, meta, staged)
+        try:
+            buffer = self.conn.send_staged(kind, message.id, meta, staged)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # The reply could not be encoded (nothing of it was sent): say so instead,
+            # in a reply that always encodes, and go on serving.
+            buffer = self.conn.send("error", message.id, {"error": failure(
+                errors_module.RUNNER, errors_module.cut(
+                    f"the worker could not send its {kind} to this request: {type(exc).__name__}: {exc}; "
+                    "return (or raise with) plain values of a reasonable size")),
+                "sources": self.sources.summary()})
         if buffer is not None:
             self.conn.pool.release(buffer)
 
@@ -302,6 +311,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--handlers", default="", help="comma-separated modules that register request kinds")
     parser.add_argument("--shm-threshold", type=int, required=True)
     parser.add_argument("--scratch", required=True, help="the one directory user code may write")
+    parser.add_argument("--threads", type=int, required=True, help="threads torch's (OpenMP, MKL) pools may use")
     return parser.parse_args(argv)
 
 
@@ -311,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     # numpy's OpenBLAS starts its pool when loaded (through torch, below): held to one
     # thread so that this one is alone at sandbox.enter. torch's pool starts at first use.
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    # The server's thread budget (``serve --threads``), read by torch when its pools start:
+    # several workers on few cores must not each start one thread per core.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     sock = socket.socket(fileno=args.channel_fd)
     sources = SourceStore()
     conn = Connection(sock, pool=SealedWriter(), shm_threshold=args.shm_threshold)

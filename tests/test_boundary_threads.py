@@ -219,7 +219,9 @@ def _start(confine: str, **environment: str) -> runner.Worker:
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     try:
-        return runner.Worker(model="tiny-gpt2", confine=confine, timeout=120)
+        # Two torch threads whatever the machine's default budget: the pool's threads are
+        # among the tasks these tests check.
+        return runner.Worker(model="tiny-gpt2", confine=confine, timeout=120, threads=2)
     finally:
         for name, value in saved.items():
             if value is None:
