@@ -768,7 +768,7 @@ class Supervisor:
                 conn.close()
                 return
             self._read_client(client)  # an idle client may stay (it holds a connection)
-        except Exception as exc:  # our own bug: this connection ends, serving goes on
+        except Exception:  # our own bug: this connection ends, serving goes on
             self._say(f"dropped a client connection after an internal error: {cut(traceback.format_exc())}")
             if client is None:
                 sock.close()
