@@ -166,13 +166,25 @@ def unpack_header(data: bytes | memoryview) -> tuple[dict, int]:
     return header, aligned(unpacker.tell())
 
 
+def describe(value: Any) -> str:
+    """A short, bounded description of a header value for an error message: a hostile
+    value may be nested thousands deep (``repr`` recurses) or megabytes long."""
+    if value is None or isinstance(value, (bool, int, float)):
+        text = repr(value)
+    elif isinstance(value, (str, bytes)):
+        text = repr(value[:40]) + ("..." if len(value) > 40 else "")
+    else:
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_header(header: Any) -> None:
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise BundleError(f"not a sourcebox bundle (expected a header map with format {FORMAT_NAME!r})")
     version = header.get("version")
     if version != FORMAT_VERSION:
         raise BundleError(
-            f"bundle format version {version!r} is not readable by this sourcebox "
+            f"bundle format version {describe(version)} is not readable by this sourcebox "
             f"(reads version {FORMAT_VERSION}); use the same sourcebox release on both sides"
         )
     missing = [key for key in HEADER_KEYS if key not in header]
@@ -188,7 +200,8 @@ def split_frames(data: memoryview, start: int, table: Any) -> list[memoryview]:
     frames = []
     for entry in table:
         if not (isinstance(entry, list) and len(entry) == 2 and all(type(v) is int and v >= 0 for v in entry)):
-            raise BundleError(f"bad frame table entry {entry!r}")
+            raise BundleError(f"bad frame table entry {describe(entry)}: expected [offset, length], "
+                             "two non-negative integers")
         offset, length = entry
         begin = start + offset
         if begin + length > len(data):
