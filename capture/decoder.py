@@ -443,6 +443,9 @@ class Decoder:
 
     def _fill(self, obj: Any, fields: list) -> Any:
         state, listitems, dictitems = (self.value(f) for f in fields)
+        for items, what in ((listitems, "list items"), (dictitems, "dict items")):
+            if items is not None and type(items) is not list:  # the encoder sends lists: a range would never end
+                raise BundleError(f"malformed bundle: an object's {what} are a {type(items).__name__}, not a list")
         if state is not None:
             setstate = getattr(obj, "__setstate__", None)
             if setstate is not None:

@@ -160,6 +160,8 @@ def unpack_header(data: bytes | memoryview) -> tuple[dict, int]:
         raise BundleError("truncated bundle: the header ends before its declared size") from None
     except BundleError:
         raise
+    except msgpack.StackError:
+        raise BundleError("malformed bundle header: it nests more deeply than a header may") from None
     except Exception as exc:  # msgpack reports malformed input with assorted types
         raise BundleError(f"malformed bundle header: {exc}") from None
     check_header(header)
