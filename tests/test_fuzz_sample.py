@@ -50,3 +50,13 @@ def server():
 def test_a_hostile_connection_leaves_the_server_serving_others(server, case):
     outcome, detail = sockets.run_case(server, case, value=len(case))
     assert outcome == "served", f"{case}: {outcome}: {detail}"
+
+
+def test_a_small_soak_loses_nothing_through_a_worker_kill_and_a_client_kill():
+    """``make soak`` in miniature: 2 client processes x 20 requests (empty calls, 1 MiB
+    tensors both ways, calls that raise), the worker killed at 30 %, a client at 60 %."""
+    from fuzz import soak
+
+    summary = soak.soak(2, 20, kills=True)
+    assert summary["passed"], soak.format_summary(summary)
+    assert len(summary["kills"]) == 2 and summary["answers"] >= 20
