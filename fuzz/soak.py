@@ -101,19 +101,26 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=1000, help="per client")
     parser.add_argument("--no-kills", action="store_true", help="skip the worker kill and the client kill")
+    parser.add_argument("--worker-threads", default="1",
+                        help="OMP_NUM_THREADS of the server and its worker (default 1; 'torch' leaves torch's own "
+                             "default of one thread per core, for comparison)")
     parser.add_argument("--client", nargs=3, metavar=("SOCKET", "ID", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
         return client(args.client[0], int(args.client[1]), args.requests, args.client[2])
-    summary = soak(args.clients, args.requests, kills=not args.no_kills)
+    summary = soak(args.clients, args.requests, kills=not args.no_kills, worker_threads=args.worker_threads)
     print(format_summary(summary))
     return 0 if summary["passed"] else 1
 
 
-def soak(clients: int, requests: int, *, kills: bool = True) -> dict:
+def soak(clients: int, requests: int, *, kills: bool = True, worker_threads: str = "1") -> dict:
     import runner
 
-    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the server and its worker: see the module docstring
+    # Inherited by the server and its worker: see the module docstring.
+    if worker_threads == "torch":
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = worker_threads
     scratch = tempfile.mkdtemp(prefix="soak-")
     tmp = os.environ["TMPDIR"] = tempfile.tempdir = os.path.join(scratch, "tmp")
     os.mkdir(tmp)
