@@ -114,16 +114,31 @@ def main(argv: list[str]) -> int:
 
 
 def soak(clients: int, requests: int, *, kills: bool = True, worker_threads: str = "1") -> dict:
+    """Run the soak; the process's environment and temporary directory are as before after it."""
+    saved = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "TMPDIR")}, tempfile.tempdir
+    scratch = tempfile.mkdtemp(prefix="soak-")
+    try:
+        # Inherited by the server and its worker: see the module docstring.
+        if worker_threads == "torch":
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = worker_threads
+        tmp = os.environ["TMPDIR"] = tempfile.tempdir = os.path.join(scratch, "tmp")
+        os.mkdir(tmp)
+        return _soak(clients, requests, kills, scratch, tmp)
+    finally:
+        for key, value in saved[0].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        tempfile.tempdir = saved[1]
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _soak(clients: int, requests: int, kills: bool, scratch: str, tmp: str) -> dict:
     import runner
 
-    # Inherited by the server and its worker: see the module docstring.
-    if worker_threads == "torch":
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = worker_threads
-    scratch = tempfile.mkdtemp(prefix="soak-")
-    tmp = os.environ["TMPDIR"] = tempfile.tempdir = os.path.join(scratch, "tmp")
-    os.mkdir(tmp)
     before = _leftovers(tmp)
     started = time.monotonic()
     owner = runner.Worker(model="none", confine="best-effort", timeout=120)
@@ -162,7 +177,6 @@ def soak(clients: int, requests: int, *, kills: bool = True, worker_threads: str
     time.sleep(0.5)
     rows = {client_id: _rows(out) for client_id, out in enumerate(outs)}
     left = sorted(_leftovers(tmp) - before)
-    shutil.rmtree(scratch, ignore_errors=True)
     return _summarize(rows, procs, requests, kills, seconds, served_after, kill_log, left)
 
 
