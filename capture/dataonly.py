@@ -164,7 +164,8 @@ class DataDecoder(Decoder):
 
     def build(self, index: int) -> Any:
         node = self.nodes[index] if type(index) is int and 0 <= index < len(self.nodes) else None
-        if isinstance(node, list) and node and node[0] in fmt.TAGS and node[0] not in DATA_TAGS:
+        if isinstance(node, list) and node and isinstance(node[0], str) and node[0] in fmt.TAGS \
+                and node[0] not in DATA_TAGS:
             raise self.refuse(index, _REFUSED_KINDS.get(node[0], f"a {node[0]} node"))
         return super().build(index)
 
@@ -239,7 +240,8 @@ class DataDecoder(Decoder):
         """A reduce node's callable: a listed constructor is looked up as such (numpy's
         ``scalar`` is a function, which a plain reference may not name)."""
         node = self.nodes[encoded.index] if isinstance(encoded, fmt.Ref) and 0 <= encoded.index < len(self.nodes) else None
-        if isinstance(node, list) and len(node) == 3 and node[0] == fmt.REFERENCE and tuple(node[1:]) in REDUCE_CONSTRUCTORS:
+        if isinstance(node, list) and len(node) == 3 and node[0] == fmt.REFERENCE \
+                and all(isinstance(part, str) for part in node[1:]) and tuple(node[1:]) in REDUCE_CONSTRUCTORS:
             home = sys.modules.get(node[1])
             found = _MODULE_DICT(home).get(node[2], _ABSENT) if isinstance(home, types.ModuleType) else _ABSENT
             if found is not _ABSENT:

@@ -33,10 +33,6 @@ PROFILE = "ndif-allowlist"
 
 # --- msgpack values of every type -----------------------------------------------------
 
-def _raw(data: bytes) -> "Raw":
-    return Raw(data)
-
-
 @dataclass(frozen=True)
 class Raw:
     """msgpack bytes written verbatim where a value goes (sizes no packer would write)."""
@@ -58,7 +54,8 @@ def sample_values() -> list[Any]:
         [], [1], [None] * 20, [[[[]]]], {}, {"a": 1}, {1: 2}, {None: []}, {b"k": 1.5}, {2.5: 1},
         msgpack.ExtType(1, b"\x00\x00\x00\x00"), msgpack.ExtType(1, b"\xff\xff\xff\xff"),
         msgpack.ExtType(1, b"\x00"), msgpack.ExtType(2, b"\x00\x00\x00\x01"), Raw(b"\xd7\xff" + b"\x00" * 8),
-        _nested(5_000, "array"), _nested(5_000, "map"), _nested(200_000, "array"),
+        _nested(1_000, "array"), _nested(1_000, "map"), _nested(5_000, "array"), _nested(200_000, "array"),
+        "__name__", "__dict__", "__bases__", "__class__",
         Raw(b"\xdd\xff\xff\xff\xff"), Raw(b"\xdf\xff\xff\xff\xff"), Raw(b"\xc6\xff\xff\xff\xff"),
         Raw(b"\xdb\xff\xff\xff\xff"), Raw(b"\xc9\xff\xff\xff\xff\x01"), Raw(b"\xc1"),
     ]
@@ -210,21 +207,18 @@ def _with_node(tree: dict, node: list) -> dict:
             empty = add(["object", add(["ref", "torch", "Tensor"]), None, None, None, None, None])
             return add(["tuple", [empty, 0, add(["tuple", [2**31]]), add(["tuple", [1]])]])
         if isinstance(part, list):
-            return add(["tuple" if part and part is not node else "list", [resolve(p) for p in part]])
+            return add(["tuple", [resolve(p) for p in part]])
         return part
 
     tag, *fields = node
     if tag in ("object", "reduce"):
         fields = [resolve(f) if f is not None else None for f in fields]
-        args_at = 1
-        if fields[args_at] is not None and not isinstance(fields[args_at], type(_ref(0))):
-            fields[args_at] = add(["tuple", [fields[args_at]]])
     return {**tree, "nodes": nodes + [[tag, *fields]], "root": _ref(len(nodes))}
 
 
 # --- cases --------------------------------------------------------------------------------
 
-MUTATORS = ("bitflip", "overwrite", "truncate", "splice", "field", "frameref", "crafted", "tablesize")
+MUTATORS = ("bitflip", "overwrite", "truncate", "splice", "field", "rekey", "frameref", "crafted", "tablesize")
 
 
 def systematic(bases: list[Base]) -> list[tuple[str, int, tuple, int]]:
@@ -276,6 +270,14 @@ def make_case(seed: int, number: int, bases: list[Base], plan: list, values: lis
     if mutator == "field":
         path = rng.choice(base.paths)
         return policy, mutator, fmt.join(pack(_replaced(base.tree, path, rng.choice(values))), base.frames)
+    if mutator == "rekey":  # a map's key renamed: non-str keys, special names (class attrs, globals)
+        maps = [p for p in base.paths if isinstance(_at(base.tree, p), dict) and _at(base.tree, p)]
+        path = rng.choice(maps)
+        old = dict(_at(base.tree, path))
+        key = rng.choice(list(old))
+        new_key = rng.choice([v for v in values if isinstance(v, (type(None), bool, int, float, str, bytes))])
+        renamed = {(new_key if k == key else k): v for k, v in old.items()}
+        return policy, mutator, fmt.join(pack(_replaced(base.tree, path, renamed)), base.frames)
     if mutator == "frameref":  # every integer field of a frame-naming node, out of range
         spots = [p for p in base.paths if len(p) >= 3 and p[0] == "nodes" and isinstance(_at(base.tree, p), int)]
         bad = rng.choice((-1, len(base.frames), 2**32 - 1, 2**63 - 1, -(2**63)))
@@ -341,8 +343,7 @@ def child(seed: int, start: int, stop: int, memory_mb: int, case_seconds: float)
     bases = corpus()
     plan, values = systematic(bases), sample_values()
     policies = {name: _policy(name) for name in POLICIES}
-    used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    limit = used + memory_mb * 2**20 + _data_segment()
+    limit = _data_segment() + memory_mb * 2**20  # what it holds now, plus what one decode may add
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     signal.signal(signal.SIGALRM, _on_alarm)
     out = sys.stdout

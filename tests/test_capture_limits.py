@@ -45,6 +45,16 @@ def test_a_deeply_nested_header_field_is_refused_by_name(field):
     assert len(str(caught.value)) < 400
 
 
+@pytest.mark.parametrize("node", [[["list"], []], [{"a": 1}, []], ["ref", ["builtins"], "range"]],
+                         ids=["list-tag", "map-tag", "list-module"])
+def test_an_unhashable_tag_or_name_is_refused_when_read_as_data(node):
+    """The data-only decoder looked tags and names up in sets before checking their type."""
+    reducer = ["reduce", ref(0), None, None, None, None]
+    for policy in (capture.DATA_ONLY, capture.DEFAULT):
+        with pytest.raises(capture.BundleError, match="node|malformed|refused"):
+            capture.loads(bundle([node, reducer], root=1 if node[0] == "ref" else 0), policy=policy)
+
+
 class Shipped:
     """A class with an attribute added after its statement ran, so it travels in attrs."""
 
