@@ -339,7 +339,6 @@ def _finalizer(cls: type) -> str | None:
 #: What an argument of a constructor may be without the constructor doing work or
 #: allocating by a size the sender declares: values whose size is their encoded size.
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, bytearray, tuple, list, dict, set, frozenset)
-_PLAIN_ITERABLES = (str, bytes, bytearray, tuple, list, dict, set, frozenset)
 #: Per builtin whose own ``__new__`` would run: the argument types that are its value as
 #: is (``bytes.__new__(cls, 2**33)`` would allocate 8 GiB; ``tuple.__new__(cls, range(...))``
 #: would iterate without end).
@@ -358,7 +357,7 @@ def _arguments_problem(func: Any, args: Any) -> str | None:
         if kind in _PLAIN or isinstance(arg, (type, enum.Enum)):
             continue
         if any("__iter__" in _CLASS_DICT(klass) for klass in _CLASS_MRO(kind)[:-1]):
-            return (f"argument {position} a {kind.__qualname__}, which the constructor would iterate over "
+            return (f"argument {position} being a {kind.__qualname__}, which the constructor would iterate over "
                     "(only lists, tuples, dicts, sets, strings and bytes are passed on)")
     if func is _loaded("fractions", "Fraction") and not all(type(a) is int for a in args):
         return "arguments that are not integers (a string like '1e999999999' is a power of ten to compute)"
