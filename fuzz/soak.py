@@ -27,6 +27,7 @@ import tempfile
 import time
 
 KINDS = ("empty", "tensor", "raise")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `python -m fuzz` is found
 ELEMENTS = 1 << 18  # float32: 1 MiB
 
 
@@ -150,7 +151,7 @@ def _soak(clients: int, requests: int, kills: bool, scratch: str, tmp: str) -> d
             outs.append(out)
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "fuzz", "soak", "--requests", str(requests), "--client",
-                 owner.socket_path, str(client_id), out], env=dict(os.environ)))
+                 owner.socket_path, str(client_id), out], env=dict(os.environ), cwd=_ROOT))
         total = clients * requests
         worker_killed = client_killed = not kills
         victim = clients - 1
