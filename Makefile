@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sourcebox-installed
 
-.PHONY: run test bench bench-quick clean venv
+.PHONY: run test bench bench-quick fuzz soak clean venv
 
 venv: $(STAMP)
 
@@ -29,6 +29,13 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick
+
+# Issue 11's harnesses (docs/RUNNER.md, "Fuzz and soak"); both exit non-zero on any failure.
+fuzz: $(STAMP)
+	$(PY) -m fuzz
+
+soak: $(STAMP)
+	$(PY) -m fuzz soak
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -23,12 +23,13 @@ from .decoder import Decoder, Unavailable
 from .destination import DEFAULT, DefaultDestination, Destination
 from .encoder import Bundle, Encoder
 from .errors import BundleError, CaptureError, MissingSources
-from .source import compile_segment
+from .source import compile_segment, release_lines
 
 __all__ = [
     "dumps", "loads", "encode", "encode_variables", "decode", "Bundle", "CaptureError", "BundleError",
     "MissingSources",
     "Destination", "DefaultDestination", "DEFAULT", "DATA_ONLY", "DataOnly", "Unavailable", "compile_cache_info",
+    "release_lines",
 ]
 
 
@@ -111,6 +112,10 @@ def _decode(header: dict, frames: list, policy: Any, persistent_load: Any, devic
         return Decoder(header, frames, policy, persistent_load, device, source_store).root()
     except RecursionError:
         raise BundleError("the bundle nests too deeply to rebuild") from None
+    except (BundleError, ImportError):
+        raise
+    except Exception as exc:  # whatever a hostile bundle provokes outside one node is still this bundle's fault
+        raise BundleError(f"cannot rebuild the bundle: {type(exc).__name__}: {exc}") from exc
 
 
 def compile_cache_info() -> Any:

@@ -87,9 +87,6 @@ _BUILTIN_VALUE_CLASSES = frozenset({
     type(None), type(Ellipsis), type(NotImplemented), bool, int, float, complex, str, bytes, bytearray,
     list, tuple, dict, set, frozenset, slice, range, object,
 })
-#: Longest text a Fraction or Decimal constructor may parse: ``Fraction("1e100000000")``
-#: would compute a hundred-million-digit power on the reader's behalf.
-_MAX_NUMBER_TEXT = 4300
 
 #: Only instances of subclasses of these get ``__new__`` arguments (their value is there).
 _VALUE_BASES = (tuple, int, float, str, bytes, frozenset, complex)
@@ -216,7 +213,8 @@ class DataDecoder(Decoder):
 
     def build(self, index: int) -> Any:
         node = self.nodes[index] if type(index) is int and 0 <= index < len(self.nodes) else None
-        if isinstance(node, list) and node and node[0] in fmt.TAGS and node[0] not in DATA_TAGS:
+        if isinstance(node, list) and node and isinstance(node[0], str) and node[0] in fmt.TAGS \
+                and node[0] not in DATA_TAGS:
             raise self.refuse(index, _REFUSED_KINDS.get(node[0], f"a {node[0]} node"))
         return super().build(index)
 
@@ -244,6 +242,12 @@ class DataDecoder(Decoder):
         if (args or kwargs) and not issubclass(cls, _VALUE_BASES):
             raise self.refuse(index, f"an instance of {_name(cls)} made by calling __new__ with arguments "
                                      "(only subclasses of tuple, int, float, str, bytes, frozenset and complex take them)")
+        problem = _new_arguments_problem(cls, args, kwargs)
+        if problem is not None:
+            raise self.refuse(index, f"an instance of {_name(cls)} made from {problem}")
+        if _is_array(cls):
+            raise self.refuse(index, f"an instance of {_name(cls)} made without its data (tensors and arrays "
+                                     "travel as tensor and ndarray nodes, over frames of their real size)")
         if _finalizer(cls) is not None:
             raise self.refuse(index, f"an instance of {_name(cls)}, whose {_finalizer(cls)}.__del__ would run "
                                      "here on state the sender chose")
@@ -255,7 +259,7 @@ class DataDecoder(Decoder):
         other object, raw attributes and the builtin container's own methods only."""
         if DATA_ONLY.trusts(type(obj)):
             return super()._fill(obj, fields)
-        state, listitems, dictitems = (self.value(f) for f in fields)
+        state, listitems, dictitems = self._fill_values(fields)
         if state is not None:
             _write_state(obj, state)
         if listitems:
@@ -276,6 +280,9 @@ class DataDecoder(Decoder):
         args = self.value(fields[1]) or ()
         if isinstance(func, type) and dataclasses.is_dataclass(func):
             return self._fill(self._register(index, self._dataclass(index, func, args)), fields[2:])
+        problem = _arguments_problem(func, args)
+        if problem is not None:
+            raise self.refuse(index, f"a call to {_name(func)} with {problem}")
         if not _allowed_constructor(func, args):
             raise self.refuse(index, f"a call to {_name(func)} with {len(args)} argument(s), which is not one of "
                                      "the value constructors a data-only decode may call (capture.dataonly."
@@ -487,6 +494,58 @@ def _finalizer(cls: type) -> str | None:
     return None
 
 
+#: What an argument of a constructor may be without the constructor doing work or
+#: allocating by a size the sender declares: values whose size is their encoded size.
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, bytearray, tuple, list, dict, set, frozenset)
+#: Per builtin whose own ``__new__`` would run: the argument types that are its value as
+#: is (``bytes.__new__(cls, 2**33)`` would allocate 8 GiB; ``tuple.__new__(cls, range(...))``
+#: would iterate without end).
+_NEW_VALUES = {tuple: (tuple, list), frozenset: (frozenset, set, list, tuple), bytes: (bytes,), str: (str,),
+               int: (int,), float: (float, int), complex: (complex, float, int)}
+
+
+def _arguments_problem(func: Any, args: Any) -> str | None:
+    """Why ``func(*args)`` could cost more than the bundle's own size, or ``None``. An
+    argument is a plain value (iterated over at most its encoded length), a class, or
+    another value object that is not iterable (a timezone, a dtype)."""
+    if not isinstance(args, tuple):
+        return f"arguments that are a {type(args).__name__}, not a tuple"
+    for position, arg in enumerate(args):
+        kind = type(arg)
+        if kind in _PLAIN or isinstance(arg, (type, enum.Enum)):
+            continue
+        if any("__iter__" in _CLASS_DICT(klass) for klass in _CLASS_MRO(kind)[:-1]):
+            return (f"argument {position} being a {kind.__qualname__}, which the constructor would iterate over "
+                    "(only lists, tuples, dicts, sets, strings and bytes are passed on)")
+    if func is _loaded("fractions", "Fraction") and not all(type(a) is int for a in args):
+        return "arguments that are not integers (a string like '1e999999999' is a power of ten to compute)"
+    return None
+
+
+def _new_arguments_problem(cls: type, args: tuple, kwargs: dict) -> str | None:
+    """Why a builtin's ``__new__`` on these arguments would do more than take the value."""
+    owner = next(klass for klass in _CLASS_MRO(cls) if "__new__" in _CLASS_DICT(klass))
+    accepted = _NEW_VALUES.get(owner)
+    if accepted is None or not (args or kwargs):
+        return None  # the class's own __new__ (a namedtuple's), or object's
+    if kwargs or len(args) > (2 if owner is complex else 1):
+        return f"{len(args)} arguments and {len(kwargs)} keywords (its value is one {owner.__name__})"
+    if not all(type(arg) in accepted for arg in args):
+        return f"a {type(args[0]).__name__}, not a {' or '.join(t.__name__ for t in accepted)}"
+    return None
+
+
+def _loaded(module: str, name: str) -> Any:
+    home = sys.modules.get(module)
+    return _MODULE_DICT(home).get(name, _ABSENT) if isinstance(home, types.ModuleType) else _ABSENT
+
+
+def _is_array(cls: type) -> bool:
+    return any((klass.__module__, klass.__qualname__) in (("torch", "Tensor"), ("torch._C", "TensorBase"),
+                                                          ("numpy", "ndarray"))
+               for klass in _CLASS_MRO(cls))
+
+
 def _allowed_constructor(func: Any, args: tuple) -> bool:
     if isinstance(func, type) and issubclass(func, enum.Enum):
         return len(args) == 1  # a member lookup; more arguments would create a new enum
@@ -498,9 +557,4 @@ def _allowed_constructor(func: Any, args: tuple) -> bool:
         return False
     if name[1] == _NUMPY_SCALAR:  # scalar(dtype, raw bytes): an object dtype would hold anything
         return len(args) == 2 and not getattr(args[0], "hasobject", True)
-    if name[1] in ("Fraction", "Decimal") and args and isinstance(args[0], str):
-        text = args[0].strip()
-        # Only plain digits for Fraction (its exponent form computes the power); Decimal
-        # keeps exponents symbolic, so only the length matters there.
-        return len(text) <= _MAX_NUMBER_TEXT and (name[1] == "Decimal" or "e" not in text.lower())
     return True

@@ -84,11 +84,21 @@ class Decoder:
             # __init_subclass__ appends to) ends as it was captured, not doubled.
             for cls, attrs in self.class_attributes:
                 for name, encoded in attrs.items():
-                    setattr(cls, name, self.value(encoded))
+                    self._set_class_attribute(cls, _expect(name, str, "class attribute name"), self.value(encoded))
             return value
         finally:
             for name in self.registered:
                 sys.modules.pop(name, None)
+
+    @staticmethod
+    def _set_class_attribute(cls: type, name: str, value: Any) -> None:
+        if name.startswith("__") and name.endswith("__"):  # the class machinery's, never shipped (encoder)
+            raise BundleError(f"malformed bundle: class {cls.__qualname__} lists {fmt.describe(name)} among its "
+                              "attributes; special names come from the class statement")
+        try:
+            setattr(cls, name, value)
+        except Exception as exc:  # a read-only slot, or a metaclass that refuses the value
+            raise BundleError(f"cannot set {cls.__qualname__}.{name}: {type(exc).__name__}: {exc}") from None
 
     def value(self, encoded: Any) -> Any:
         kind = type(encoded)
@@ -400,7 +410,7 @@ class Decoder:
     def _wrap(self, index: int, fields: list) -> Any:
         kind = {"staticmethod": staticmethod, "classmethod": classmethod}.get(fields[0])
         if kind is None:
-            raise BundleError(f"malformed bundle: unknown wrapper {fields[0]!r}")
+            raise BundleError(f"malformed bundle: unknown wrapper {fmt.describe(fields[0])}")
         return kind(self.value(fields[1]))
 
     def _property(self, index: int, fields: list) -> property:
@@ -431,8 +441,16 @@ class Decoder:
         obj = self._register(index, func(*(self.value(fields[1]) or ())))
         return self._fill(obj, fields[2:])
 
-    def _fill(self, obj: Any, fields: list) -> Any:
+    def _fill_values(self, fields: list) -> tuple[Any, Any, Any]:
+        """An object's state, list items and dict items, the items checked to be lists."""
         state, listitems, dictitems = (self.value(f) for f in fields)
+        for items, what in ((listitems, "list items"), (dictitems, "dict items")):
+            if items is not None and type(items) is not list:  # the encoder sends lists: a range would never end
+                raise BundleError(f"malformed bundle: an object's {what} are a {type(items).__name__}, not a list")
+        return state, listitems, dictitems
+
+    def _fill(self, obj: Any, fields: list) -> Any:
+        state, listitems, dictitems = self._fill_values(fields)
         if state is not None:
             setstate = getattr(obj, "__setstate__", None)
             if setstate is not None:
@@ -509,12 +527,12 @@ def read_segments(sources: list, store: MutableMapping[str, str] | None) -> list
     """The source table as segments. Entries without text are looked up in ``store``
     (a worker's memory of what it was sent before); every missing one is reported at once."""
     segments, missing = [], []
-    last_lines: dict[str, int] = {}  # per file: receivers pad linecache up to each segment's line
+    last_lines: dict[str, int] = {}  # per file: compiling pads each segment to its line (a passing cost)
     for s in sources:
         _expect(s, dict, "source")
         kind = s.get("kind")
         if kind not in ("def", "class", "lambda"):
-            raise BundleError(f"malformed bundle: source kind {kind!r}")
+            raise BundleError(f"malformed bundle: source kind {fmt.describe(kind)}")
         line, col = _expect(s.get("line"), int, "source line"), _expect(s.get("col"), int, "source column")
         if not 1 <= line <= _MAX_LINE or not 0 <= col <= 100_000:
             raise BundleError(f"malformed bundle: source position {line}:{col}")

@@ -160,10 +160,24 @@ def unpack_header(data: bytes | memoryview) -> tuple[dict, int]:
         raise BundleError("truncated bundle: the header ends before its declared size") from None
     except BundleError:
         raise
+    except msgpack.StackError:
+        raise BundleError("malformed bundle header: it nests more deeply than a header may") from None
     except Exception as exc:  # msgpack reports malformed input with assorted types
         raise BundleError(f"malformed bundle header: {exc}") from None
     check_header(header)
     return header, aligned(unpacker.tell())
+
+
+def describe(value: Any) -> str:
+    """A short, bounded description of a header value for an error message: a hostile
+    value may be nested thousands deep (``repr`` recurses) or megabytes long."""
+    if value is None or isinstance(value, (bool, int, float)):
+        text = repr(value)
+    elif isinstance(value, (str, bytes)):
+        text = repr(value[:40]) + ("..." if len(value) > 40 else "")
+    else:
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_header(header: Any) -> None:
@@ -172,7 +186,7 @@ def check_header(header: Any) -> None:
     version = header.get("version")
     if version != FORMAT_VERSION:
         raise BundleError(
-            f"bundle format version {version!r} is not readable by this sourcebox "
+            f"bundle format version {describe(version)} is not readable by this sourcebox "
             f"(reads version {FORMAT_VERSION}); use the same sourcebox release on both sides"
         )
     missing = [key for key in HEADER_KEYS if key not in header]
@@ -188,7 +202,8 @@ def split_frames(data: memoryview, start: int, table: Any) -> list[memoryview]:
     frames = []
     for entry in table:
         if not (isinstance(entry, list) and len(entry) == 2 and all(type(v) is int and v >= 0 for v in entry)):
-            raise BundleError(f"bad frame table entry {entry!r}")
+            raise BundleError(f"bad frame table entry {describe(entry)}: expected [offset, length], "
+                             "two non-negative integers")
         offset, length = entry
         begin = start + offset
         if begin + length > len(data):

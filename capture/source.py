@@ -12,8 +12,13 @@ import ast
 import dis
 import hashlib
 import linecache
+import os
+import stat
 import threading
+import tokenize
 import types
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
@@ -373,7 +378,41 @@ def code_of(module_code: types.CodeType, segment: Segment, freevars: tuple[str, 
 
 # --- linecache on the receiving side ---
 
-_shipped_lines: dict[str, list[str]] = {}
+#: Bounds on what a long-lived receiver keeps for tracebacks: the files most recently
+#: shipped, and their lines in all. The oldest file goes first.
+MAX_SHIPPED_FILES = 256
+MAX_SHIPPED_LINES = 100_000
+
+
+class ShippedLines(Sequence):
+    """A shipped file's lines as linecache hands them out: the segments at their real
+    line numbers, blank lines everywhere else. Sparse, so a segment that claims line
+    999,990 costs its own lines, not a million blank ones."""
+
+    def __init__(self) -> None:
+        self.lines: dict[int, str] = {}  # 0-based line number -> text with its newline
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # inspect reads a definition as lines[start:]
+            return [self.lines.get(i, "\n") for i in range(*index.indices(self.length))]
+        if index < 0:
+            index += self.length
+        if not 0 <= index < self.length:
+            raise IndexError("line number out of range")
+        return self.lines.get(index, "\n")
+
+    def add(self, start: int, lines: list[str]) -> None:
+        for offset, line in enumerate(lines):
+            self.lines[start + offset] = line if line.endswith("\n") else line + "\n"
+        self.length = max(self.length, start + len(lines))
+
+
+#: file name -> its shipped lines, least recently registered first.
+_shipped: "OrderedDict[str, ShippedLines]" = OrderedDict()
 _shipped_lock = threading.Lock()
 
 
@@ -381,16 +420,65 @@ def register_lines(segment: Segment) -> None:
     """Make tracebacks and ``inspect.getsource`` show shipped code at its real position.
 
     Where the file is not readable here (the usual case on a worker), linecache gets a
-    sparse copy: the shipped segments at their lines, blank lines elsewhere.
+    sparse copy: the shipped segments at their lines, blank lines elsewhere. At most
+    ``MAX_SHIPPED_FILES`` files and ``MAX_SHIPPED_LINES`` lines are kept; the file
+    registered longest ago is dropped first, and ``release_lines`` drops them all.
     """
     seg_lines = segment.text.splitlines(keepends=True)
     start = segment.line - 1
-    existing = linecache.getlines(segment.file)
-    if existing[start:start + len(seg_lines)] == seg_lines:
+    with _shipped_lock:
+        registered = segment.file in _shipped
+    if not registered and _real_file_holds(segment.file, start, seg_lines):
         return
     with _shipped_lock:
-        lines = _shipped_lines.setdefault(segment.file, [])
-        if len(lines) < start + len(seg_lines):
-            lines.extend("\n" for _ in range(start + len(seg_lines) - len(lines)))
-        lines[start:start + len(seg_lines)] = [l if l.endswith("\n") else l + "\n" for l in seg_lines]
-        linecache.cache[segment.file] = (sum(map(len, lines)), None, list(lines), segment.file)
+        lines = _shipped.pop(segment.file, None) or ShippedLines()
+        lines.add(start, seg_lines)
+        _shipped[segment.file] = lines
+        linecache.cache[segment.file] = (len(lines), None, lines, segment.file)
+        total = sum(len(entry.lines) for entry in _shipped.values())
+        while len(_shipped) > MAX_SHIPPED_FILES or (total > MAX_SHIPPED_LINES and len(_shipped) > 1):
+            file, dropped = _shipped.popitem(last=False)
+            total -= len(dropped.lines)
+            _forget(file, dropped)
+
+
+def release_lines() -> int:
+    """Drop every shipped file's lines from linecache (a worker calls this when a
+    request ends, so what a request shipped does not outlive it); returns how many
+    files were dropped. Code still alive shows no source lines in later tracebacks
+    until its file is shipped again."""
+    with _shipped_lock:
+        dropped = list(_shipped.items())
+        _shipped.clear()
+        for file, lines in dropped:
+            _forget(file, lines)
+    return len(dropped)
+
+
+def _forget(file: str, lines: ShippedLines) -> None:
+    entry = linecache.cache.get(file)
+    if entry is not None and len(entry) > 2 and entry[2] is lines:
+        del linecache.cache[file]
+
+
+#: Largest real file consulted to see whether it already holds a shipped segment.
+_MAX_REAL_FILE = 8 * 2**20
+
+
+def _real_file_holds(file: str, start: int, seg_lines: list[str]) -> bool:
+    """Whether ``file`` here (a regular file, not too big: a bundle names any path it
+    likes) already has the segment at its line, so linecache may read the real one."""
+    try:
+        info = os.stat(file)
+    except (OSError, ValueError):
+        return False
+    if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_REAL_FILE:
+        return False
+    if file in linecache.cache:
+        return linecache.getlines(file)[start:start + len(seg_lines)] == seg_lines
+    try:  # read here rather than through linecache, which would keep every file a bundle names
+        with tokenize.open(file) as handle:
+            lines = handle.readlines()
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return False
+    return lines[start:start + len(seg_lines)] == seg_lines

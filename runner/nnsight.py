@@ -15,7 +15,6 @@ import ast
 import builtins
 import contextlib
 import io
-import linecache
 import os
 import re
 import sys
@@ -401,20 +400,11 @@ def _compile_block(request: dict) -> types.CodeType:
     SOURCES.clear()
     BLOCKS.clear()
     SOURCES[filename] = padded
-    _register_lines(filename, padded)
+    # Into capture's sparse, bounded registry (dropped when the request ends), not a
+    # padded copy of the file per block.
+    from capture.source import Segment, register_lines
+    register_lines(Segment(filename, first, 0, "def", request["source"], ()))
     return code
-
-
-def _register_lines(filename: str, text: str) -> None:
-    """Overlay the block's lines on whatever linecache holds for the file."""
-    shipped = text.splitlines(keepends=True)
-    lines = list(linecache.getlines(filename))
-    if len(lines) < len(shipped):
-        lines.extend("\n" for _ in range(len(shipped) - len(lines)))
-    for index, line in enumerate(shipped):
-        if line.strip():
-            lines[index] = line
-    linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
 
 
 def _resolve_call(model: Any, name: str) -> Any:

@@ -183,6 +183,7 @@ class Worker:
             staged = self.conn.stage([])
         frames = bundle = None
         memory.release()
+        capture.release_lines()  # what this request shipped is not kept for the next one
         try:
             buffer = self.conn.send_staged(kind, message.id, meta, staged)
         except (TypeError, ValueError, OverflowError) as exc:
