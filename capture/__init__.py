@@ -23,12 +23,12 @@ from .decoder import Decoder, Unavailable
 from .destination import DEFAULT, DefaultDestination, Destination
 from .encoder import Bundle, Encoder
 from .errors import BundleError, CaptureError, MissingSources
-from .source import compile_segment
+from .source import compile_segment, forget_shipped_lines
 
 __all__ = [
     "dumps", "loads", "encode", "encode_variables", "decode", "Bundle", "CaptureError", "BundleError",
     "MissingSources",
-    "Destination", "DefaultDestination", "DEFAULT", "DATA_ONLY", "DataOnly", "Unavailable", "compile_cache_info",
+    "Destination", "DefaultDestination", "DEFAULT", "DATA_ONLY", "DataOnly", "Unavailable", "compile_cache_info", "forget_shipped_lines",
 ]
 
 

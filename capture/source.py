@@ -394,3 +394,14 @@ def register_lines(segment: Segment) -> None:
             lines.extend("\n" for _ in range(start + len(seg_lines) - len(lines)))
         lines[start:start + len(seg_lines)] = [l if l.endswith("\n") else l + "\n" for l in seg_lines]
         linecache.cache[segment.file] = (sum(map(len, lines)), None, list(lines), segment.file)
+
+
+def forget_shipped_lines() -> None:
+    """Drop every shipped segment's lines from linecache: a long-lived receiver serving
+    several senders calls it after each bundle, so no later one reads another's source."""
+    with _shipped_lock:
+        for file in _shipped_lines:
+            entry = linecache.cache.get(file)
+            if entry is not None and entry[3] == file and entry[1] is None:
+                del linecache.cache[file]
+        _shipped_lines.clear()

@@ -196,7 +196,7 @@ class Supervisor:
         self.worker: WorkerHandle | None = None
         self.state = "starting"
         self.started_at = time.time()
-        self.served = self.restarts = 0
+        self.served = self.restarts = self.retirements = 0
         self.last_crash: str | None = None
         self._ready = threading.Event()
         self._start_error: str | None = None
@@ -498,6 +498,7 @@ class Supervisor:
         try:
             worker.conn.send("request", request_id, {
                 "kind": meta["kind"], "form": meta.get("form", "frames"), "reply": meta.get("reply", "frames"),
+                "client": client.id,  # the tenant: the worker keeps each client's sources apart
             }, message.frames, message.fds)
         except OSError:
             raise _WorkerLost(errors.CRASHED, "the worker died") from None
@@ -517,6 +518,16 @@ class Supervisor:
             self._client_gone(client)
         finally:
             reply.close()  # the client has its own copies now (or nobody wants them)
+        if reply.meta.get("retire"):
+            self._retire(worker, client, str(reply.meta["retire"]))
+
+    def _retire(self, worker: WorkerHandle, client: ClientSession, reason: str) -> None:
+        """The worker found itself changed after a request (``runner.hygiene``): replace it
+        before the next request runs. Planned, not a crash: nobody's request fails."""
+        self.worker = None
+        self._dispose(worker)
+        self.retirements += 1
+        self._say(f"worker {worker.pid} retired after a request of client pid {client.pid}: {reason}")
 
     def _reply_failure(self, client: ClientSession, request_id: int, info: dict) -> None:
         with self._lock:
@@ -698,7 +709,8 @@ class Supervisor:
             "model": self.model, "device": info.get("device", self.device),
             "policy": info.get("policy", self.policy), "sandbox": info.get("sandbox"),
             "kinds": info.get("kinds", []), "uptime": time.time() - self.started_at,
-            "served": self.served, "restarts": self.restarts, "last_crash": self.last_crash,
+            "served": self.served, "restarts": self.restarts,
+            "retirements": self.retirements, "last_crash": self.last_crash,
             "clients": clients, "queued": queued, "running": running, "rss": rss,
             "gpu": worker.gpu_bytes if worker is not None else None,
             "memory_limit": self.memory_limit, "timeout": self.timeout,

@@ -42,7 +42,7 @@ import traceback
 import capture
 import sandbox
 
-from . import handlers
+from . import handlers, hygiene
 from . import errors as errors_module
 from .errors import BadMessage, ProtocolError, describe, failure
 from .protocol import Connection, ConnectionClosed, SharedRef
@@ -107,10 +107,39 @@ class SourceStore(collections.abc.MutableMapping):
     def __len__(self) -> int:
         return len(self._texts)
 
+    def tenant(self, client: object) -> "_TenantStore":
+        """The store as one client sees it: a digest another client sent never resolves."""
+        return _TenantStore(self, f"{client}/")
+
     def summary(self) -> dict:
         """What clients and ``status`` see: the store's id, size and hit counts."""
         return {"id": self.id, "entries": len(self._texts), "chars": self._chars,
                 "max_chars": self.max_chars, "hits": self.hits, "misses": self.misses}
+
+
+class _TenantStore(collections.abc.MutableMapping):
+    """One client's part of the ``SourceStore`` (shared bound, separate digests)."""
+
+    def __init__(self, store: SourceStore, prefix: str):
+        self._store, self._prefix = store, prefix
+
+    def __getitem__(self, digest: str) -> str:
+        return self._store[self._prefix + digest]
+
+    def __setitem__(self, digest: str, text: str) -> None:
+        self._store[self._prefix + digest] = text
+
+    def __delitem__(self, digest: str) -> None:
+        del self._store[self._prefix + digest]
+
+    def __contains__(self, digest: object) -> bool:
+        return isinstance(digest, str) and self._prefix + digest in self._store
+
+    def __iter__(self):
+        return (key[len(self._prefix):] for key in list(self._store) if key.startswith(self._prefix))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class _ClientDestination:
@@ -129,6 +158,7 @@ class Worker:
         self.context = context
         self.sources = sources
         self._destination = _ClientDestination()
+        self.hygiene: hygiene.Baseline | None = None  # set once start-up is over
 
     # -- tokens standing for the model -------------------------------------------------
     def _persistent_load(self, token: str):
@@ -183,6 +213,11 @@ class Worker:
             staged = self.conn.stage([])
         frames = bundle = None
         memory.release()
+        retire = self.hygiene.after_request(staged.fds) if self.hygiene is not None else None
+        if retire:  # the supervisor replaces this worker before the next request runs
+            meta = {**meta, "retire": retire}
+            print(f"sourcebox worker {os.getpid()}: request {message.id} of client {message.meta.get('client')} "
+                  f"changed the worker, which retires: {retire}", file=sys.stderr, flush=True)
         buffer = self.conn.send_staged(kind, message.id, meta, staged)
         if buffer is not None:
             self.conn.pool.release(buffer)
@@ -200,7 +235,7 @@ class Worker:
             request_frames = [next(shared) if isinstance(frame, SharedRef) else memoryview(bytearray(frame))
                               for frame in message.frames]
             try:
-                payload = self._decode(meta.get("form"), request_frames)
+                payload = self._decode(meta.get("form"), request_frames, self.sources.tenant(meta.get("client")))
             except capture.MissingSources as missing:
                 # Answered, never an error: the client encodes the request again with
                 # those texts and resends it.
@@ -212,13 +247,13 @@ class Worker:
             return "error", {"error": describe(exc, skip_dirs=_OWN_DIRS), "sources": self.sources.summary()}, None
         return "reply", {"sources": self.sources.summary()}, bundle
 
-    def _decode(self, form, frames):
+    def _decode(self, form, frames, store):
         if form == "bytes":
             if len(frames) != 1:
                 raise BadMessage(f"a request in bytes form has one frame, not {len(frames)}")
             try:
                 return capture.loads(frames[0], policy=self.context.policy, persistent_load=self._persistent_load,
-                                     source_store=self.sources)
+                                     source_store=store)
             except capture.MissingSources as missing:
                 # Bytes were encoded elsewhere (a job runner's payload): nobody here can
                 # encode them again with the text, so this is the request's error.
@@ -229,7 +264,7 @@ class Worker:
         if form != "frames" or not frames:
             raise BadMessage(f"unknown request form {form!r} (expected 'frames' or 'bytes')")
         return capture.decode(frames[0], frames[1:], policy=self.context.policy,
-                              persistent_load=self._persistent_load, source_store=self.sources)
+                              persistent_load=self._persistent_load, source_store=store)
 
     def report_gpu_memory(self, torch) -> None:
         """Send the CUDA memory reserved by this process every half second, so the
@@ -283,6 +318,23 @@ def _start_thread_pool(torch) -> None:
     torch.zeros(1 << 20).add_(1)  # past the parallel grain size: every pool thread starts
 
 
+def _warm_up(model) -> None:
+    """Run the tokenizer and one forward now: the pools and caches they start on first use
+    (the tokenizer's threads, lazily set attributes) then belong to start-up, and the first
+    request does not look like one that changed the worker (``runner.hygiene``)."""
+    if model is None:
+        return
+    import torch
+
+    tokenizer = getattr(model, "tokenizer", None)
+    inputs = tokenizer("sourcebox", return_tensors="pt") if tokenizer is not None else \
+        {"input_ids": torch.zeros((1, 1), dtype=torch.long)}
+    parameter = next(model._module.parameters(), None)
+    with torch.no_grad():
+        model._module(**{key: value.to(parameter.device) if parameter is not None else value
+                         for key, value in inputs.items()})
+
+
 def _import_extensions(extra: list[str]) -> None:
     for name in (*handlers.EXTENSIONS, *extra):
         if name in handlers.EXTENSIONS and importlib.util.find_spec(name) is None:
@@ -328,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             model, device = _load_model(model_dir, args.device)
             if "torch" in sys.modules:
                 _start_thread_pool(sys.modules["torch"])
+            _warm_up(model)
             loaded = time.monotonic() - started
         except BaseException as exc:
             conn.send("failed", 0, {"error": f"{type(exc).__name__}: {exc}",
@@ -340,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
 
             threading.Thread(target=worker.report_gpu_memory, args=(torch,), daemon=True,
                              name="gpu-memory").start()
+        if not hygiene.DISABLED:
+            worker.hygiene = hygiene.Baseline(model, scratch=args.scratch)
         print(f"sourcebox worker {os.getpid()}: model {args.model} on {device} loaded in {loaded:.1f}s; "
               f"policy {policy.name}; {report}", file=sys.stderr, flush=True)
         conn.send("ready", 0, {
