@@ -101,19 +101,19 @@ class _Watched:
         self.dicts: list[dict] = []
         self.copies: list[dict] = []
         self.labels: list[str] = []
-        self.modules: list[str | None] = []  # the module a namespace belongs to (benign submodules)
+        self.owners: list[Any] = []  # a namespace's module name or class: what is benign there
         self._ids: set[int] = set()
         self._tags = None
         self._read = None
 
-    def add(self, mapping: Any, label: str, module: str | None = None) -> None:
+    def add(self, mapping: Any, label: str, owner: Any = None) -> None:
         if not isinstance(mapping, dict) or id(mapping) in self._ids:
             return
         self._ids.add(id(mapping))
         self.dicts.append(mapping)
         self.copies.append(dict(mapping))
         self.labels.append(label)
-        self.modules.append(module)
+        self.owners.append(owner)
 
     def freeze(self) -> None:
         """Start watching: read every dict's version tag now (the dicts are held here, so
@@ -146,14 +146,14 @@ class _Watched:
     def findings(self) -> list[str]:
         found = []
         for index in self.changed():
-            mapping, copy, label, module = self.dicts[index], self.copies[index], self.labels[index], \
-                self.modules[index]
+            mapping, copy, label, owner = self.dicts[index], self.copies[index], self.labels[index], \
+                self.owners[index]
             problems = []
             for key in copy.keys() - mapping.keys():
                 problems.append(f"{key!s} deleted")
             for key, value in list(mapping.items()):
                 if key not in copy:
-                    if module is not None and _binds_its_own(module, key, value):
+                    if owner is not None and _benign_addition(owner, key, value):
                         copy[key] = value
                         continue
                     problems.append(f"{key!s} added")
@@ -167,15 +167,41 @@ class _Watched:
         return found
 
 
-def _binds_its_own(module: str, key: str, value: Any) -> bool:
-    """A name added to a package that is benign: a submodule imported later binds itself
-    on its parent, and a lazy package (transformers) caches what its own submodule
-    defines under that very name."""
+def _benign_addition(owner: Any, key: str, value: Any) -> bool:
+    """A name added that changes nothing: on a package, a submodule imported later binds
+    itself on its parent, and a lazy package (transformers) caches what its own submodule
+    defines under that very name; on a class, copyreg caches ``__slotnames__``, and a
+    library that patched an inherited attribute and put it back (nnsight's
+    ``Tensor.grad``) leaves the inherited value bound on the class itself."""
+    if isinstance(owner, type):
+        if key == "__slotnames__":
+            return isinstance(value, list) and value == _slot_names(owner)
+        inherited = next((vars(base)[key] for base in owner.__mro__[1:] if key in vars(base)), _ABSENT)
+        return inherited is value
+    module = owner
     if isinstance(value, types.ModuleType):
         return sys.modules.get(f"{module}.{key}") is value
     home = getattr(value, "__module__", None)
     return isinstance(home, str) and home.startswith(module + ".") and \
         getattr(sys.modules.get(home), key, None) is value
+
+
+_ABSENT = object()
+
+
+def _slot_names(cls: type) -> list[str]:
+    """The names copyreg records as ``cls.__slotnames__``: every slot along the MRO
+    but ``__dict__`` and ``__weakref__``, private ones mangled."""
+    names = []
+    for klass in cls.__mro__:
+        slots = vars(klass).get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name in ("__dict__", "__weakref__"):
+                continue
+            if name.startswith("__") and not name.endswith("__"):
+                name = f"_{klass.__name__.lstrip('_')}{name}" if klass.__name__.lstrip("_") else name
+            names.append(name)
+    return names
 
 
 def _same(mapping: dict, copy: dict) -> bool:
@@ -226,14 +252,14 @@ class Baseline:
         for name, module in list(sys.modules.items()):
             if not isinstance(module, types.ModuleType):
                 continue
-            self._watched.add(getattr(module, "__dict__", None), f"module {name}", module=name)
+            self._watched.add(getattr(module, "__dict__", None), f"module {name}", owner=name)
             for attribute, value in list(vars(module).items()):
                 if isinstance(value, types.FunctionType):
                     self._guarded.add(id(value))
                 elif isinstance(value, type) and value.__module__ == name:
                     self._guarded.add(id(value))
                     namespace = _class_dict(value)
-                    self._watched.add(namespace, f"class {name}.{attribute}")
+                    self._watched.add(namespace, f"class {name}.{attribute}", owner=value)
                     for member in (namespace or {}).values():
                         member = getattr(member, "__func__", member)
                         if isinstance(member, types.FunctionType):
@@ -303,14 +329,15 @@ class Baseline:
 
     # -- after every request ---------------------------------------------------------------
     def _audit(self, event: str, args: tuple) -> None:
-        if event == "sys.addaudithook":
-            self.audit_events.append("a request tried to add an audit hook (refused)")
-            raise RuntimeError("sourcebox: audit hooks cannot be added on a shared worker")
-        if event in ("object.__setattr__", "object.__delattr__"):
+        # Runs on every audited event in the process (thousands per import): cheap first.
+        if event == "object.__setattr__" or event == "object.__delattr__":
             target = args[0]
             if id(target) in self._guarded and isinstance(target, (type, types.FunctionType)):
                 self.audit_events.append(f"{event} on {target.__module__}.{getattr(target, '__qualname__', '?')}"
                                          f".{args[1]}")
+        elif event == "sys.addaudithook":
+            self.audit_events.append("a request tried to add an audit hook (refused)")
+            raise RuntimeError("sourcebox: audit hooks cannot be added on a shared worker")
 
     def scrub(self) -> list[str]:
         """Put back what can be put back exactly; return what was."""

@@ -235,7 +235,7 @@ class Worker:
             request_frames = [next(shared) if isinstance(frame, SharedRef) else memoryview(bytearray(frame))
                               for frame in message.frames]
             try:
-                payload = self._decode(meta.get("form"), request_frames, self.sources.tenant(meta.get("client")))
+                payload = self._decode(meta.get("form"), request_frames, self._store(meta))
             except capture.MissingSources as missing:
                 # Answered, never an error: the client encodes the request again with
                 # those texts and resends it.
@@ -246,6 +246,11 @@ class Worker:
         except BaseException as exc:  # user code may raise anything, PolicyKill included
             return "error", {"error": describe(exc, skip_dirs=_OWN_DIRS), "sources": self.sources.summary()}, None
         return "reply", {"sources": self.sources.summary()}, bundle
+
+    def _store(self, meta: dict):
+        """The requesting client's part of the source store (all of it with the test-only
+        switch that turns isolation off, ``runner.hygiene.DISABLED``)."""
+        return self.sources if hygiene.DISABLED else self.sources.tenant(meta.get("client"))
 
     def _decode(self, form, frames, store):
         if form == "bytes":
