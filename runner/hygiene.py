@@ -249,14 +249,24 @@ class Baseline:
         # ids of the classes and functions of start-up modules (held by the copies of
         # their namespaces, so the ids stay theirs): what the audit hook guards.
         self._guarded: set[int] = set()
+        self._watch_namespaces()
+        self._model = self._model_state(model)
+        self._watched.freeze()
+        self._fingerprints = self._fingerprint()
+        self._tasks = _directory_set("/proc/self/task")
+        self._fds = _open_fds()
+        sys.addaudithook(self._audit)
+
+    def _watch_namespaces(self) -> None:
         for name, module in list(sys.modules.items()):
             if not isinstance(module, types.ModuleType):
                 continue
             self._watched.add(getattr(module, "__dict__", None), f"module {name}", owner=name)
+            # type(), not isinstance(): a deprecated object warns when its __class__ is read.
             for attribute, value in list(vars(module).items()):
-                if isinstance(value, types.FunctionType):
+                if type(value) is types.FunctionType:
                     self._guarded.add(id(value))
-                elif isinstance(value, type) and value.__module__ == name:
+                elif issubclass(type(value), type) and value.__module__ == name:
                     self._guarded.add(id(value))
                     namespace = _class_dict(value)
                     self._watched.add(namespace, f"class {name}.{attribute}", owner=value)
@@ -264,12 +274,6 @@ class Baseline:
                         member = getattr(member, "__func__", member)
                         if isinstance(member, types.FunctionType):
                             self._guarded.add(id(member))
-        self._model = self._model_state(model)
-        self._watched.freeze()
-        self._fingerprints = self._fingerprint()
-        self._tasks = _directory_set("/proc/self/task")
-        self._fds = _open_fds()
-        sys.addaudithook(self._audit)
 
     # -- the model ----------------------------------------------------------------------
     def _model_state(self, model: Any) -> dict | None:

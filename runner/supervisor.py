@@ -511,6 +511,9 @@ class Supervisor:
             self._running = None
             client.rerun.discard(message.id)
         message.close()  # answered: the worker had its own copies of its descriptors
+        retire = reply.meta.get("retire")
+        if retire:
+            self.retirements += 1  # before the reply goes out: a status after it shows it
         try:
             if client.alive:
                 client.conn.send(reply.kind, message.id, reply.meta, reply.frames, reply.fds)
@@ -518,15 +521,14 @@ class Supervisor:
             self._client_gone(client)
         finally:
             reply.close()  # the client has its own copies now (or nobody wants them)
-        if reply.meta.get("retire"):
-            self._retire(worker, client, str(reply.meta["retire"]))
+        if retire:
+            self._retire(worker, client, str(retire))
 
     def _retire(self, worker: WorkerHandle, client: ClientSession, reason: str) -> None:
         """The worker found itself changed after a request (``runner.hygiene``): replace it
         before the next request runs. Planned, not a crash: nobody's request fails."""
         self.worker = None
         self._dispose(worker)
-        self.retirements += 1
         self._say(f"worker {worker.pid} retired after a request of client pid {client.pid}: {reason}")
 
     def _reply_failure(self, client: ClientSession, request_id: int, info: dict) -> None:
