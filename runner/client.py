@@ -109,6 +109,8 @@ class Worker:
     ``"auto"``. ``timeout``: seconds a request may run before the worker is killed and
     restarted. ``memory_limit``: bytes of RSS (and of CUDA memory) past which the worker
     is killed and restarted. ``confine``: ``"best-effort"``, ``"required"`` or ``"off"``.
+    ``isolate_clients``: a fresh worker whenever the next request is of another client
+    than the last (tenants who must not share even one process; a worker start per switch).
     The server-side settings apply only when this ``Worker`` starts the server.
 
     The server is authenticated before any request goes out (docs/RUNNER.md,
@@ -122,7 +124,7 @@ class Worker:
                  device: str = "auto", timeout: float | None = None, memory_limit: int | None = None,
                  confine: str = "best-effort", *, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
                  start_timeout: float = 600.0, handlers: tuple[str, ...] = (),
-                 reconnect: float = DEFAULT_RECONNECT_SECONDS):
+                 reconnect: float = DEFAULT_RECONNECT_SECONDS, isolate_clients: bool = False):
         self.shm_threshold = shm_threshold
         self.reconnect = reconnect
         self.timeout = timeout
@@ -154,7 +156,7 @@ class Worker:
                 socket = os.path.join(self._own_dir, "worker.sock")
             self.socket_path = os.path.abspath(socket)
             self._start_args = (model, policy, device, timeout, memory_limit, confine, shm_threshold,
-                                start_timeout, handlers)
+                                start_timeout, handlers, isolate_clients)
             self._start_server(*self._start_args)
         self.policy = None
         try:
@@ -168,10 +170,12 @@ class Worker:
 
     # -- set-up ------------------------------------------------------------------------
     def _start_server(self, model, policy, device, timeout, memory_limit, confine, shm_threshold,
-                      start_timeout, handlers) -> None:
+                      start_timeout, handlers, isolate_clients) -> None:
         argv = [sys.executable, "-m", "runner", "serve", "--socket", self.socket_path, "--model", model,
                 "--device", device, "--confine", confine, "--shm-threshold", str(shm_threshold),
                 "--owner", str(os.getpid()), "--start-timeout", str(start_timeout)]
+        if isolate_clients:
+            argv.append("--isolate-clients")
         if policy is not None:
             argv += ["--policy", os.fspath(policy)]
         if timeout is not None:

@@ -303,17 +303,19 @@ class Baseline:
         }
 
     def _fingerprint(self) -> dict[int, bytes]:
-        """blake2b of every storage the model's tensors use, on the CPU (a CUDA model needs
-        a device-side hash: docs/SECURITY.md)."""
+        """blake2b of every storage the model's tensors use, each once (tied weights share
+        one). A storage on another device is copied to the host first: correct, but a CUDA
+        model wants a device-side hash instead (docs/SECURITY.md)."""
         if self._model is None:
             return {}
         digests = {}
         for _, tensor, _ in self._model["tensors"]:
             storage = tensor.untyped_storage()
-            if storage.data_ptr() in digests or storage.device.type != "cpu":
+            if storage.data_ptr() in digests:
                 continue
-            raw = self.torch.empty(0, dtype=self.torch.uint8).set_(storage, 0, (storage.nbytes(),))
-            digests[storage.data_ptr()] = hashlib.blake2b(raw.numpy(), digest_size=16).digest()
+            raw = self.torch.empty(0, dtype=self.torch.uint8, device=storage.device).set_(
+                storage, 0, (storage.nbytes(),))
+            digests[storage.data_ptr()] = hashlib.blake2b(raw.cpu().numpy(), digest_size=16).digest()
         return digests
 
     def _model_findings(self) -> list[str]:
@@ -419,13 +421,21 @@ class Baseline:
         found += self._model_findings()
         if _directory_set("/proc/self/task") != self._tasks:
             found.append("threads differ from start-up (a thread left running?)")
-        fds = _open_fds()
-        for fd in keep_fds:
-            fds.pop(fd, None)
+        fds = self._fds_now(keep_fds)
+        if fds != self._fds:
+            gc.collect()  # a file the request left in a reference cycle closes when collected
+            fds = self._fds_now(keep_fds)
         if fds != self._fds:
             extra = sorted(set(fds.items()) - set(self._fds.items()))
             found.append(f"open file descriptors differ from start-up: {extra[:5]}")
         return found
+
+    @staticmethod
+    def _fds_now(keep_fds) -> dict[int, str]:
+        fds = _open_fds()
+        for fd in keep_fds:
+            fds.pop(fd, None)
+        return fds
 
 
 def _tensor_facts(tensor: Any) -> tuple:

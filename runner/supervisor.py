@@ -178,7 +178,7 @@ class Supervisor:
                  memory_limit: int | None = None, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
                  handlers: tuple[str, ...] = (), start_timeout: float = 600.0,
                  owner_pid: int | None = None, secret: bytes | None = None,
-                 trust_worker_channel: bool = False, log=sys.stderr):
+                 trust_worker_channel: bool = False, isolate_clients: bool = False, log=sys.stderr):
         self.socket_path = os.path.abspath(socket_path)
         # Given by the Worker that starts us, or made here and written beside the socket.
         self._secret = secret if secret is not None else auth.new_secret()
@@ -191,6 +191,9 @@ class Supervisor:
         self.timeout, self.memory_limit = timeout, memory_limit
         self.shm_threshold, self.handlers, self.start_timeout = shm_threshold, handlers, start_timeout
         self.owner_pid = owner_pid
+        # A fresh worker whenever the next request is of another client (--isolate-clients).
+        self.isolate_clients = isolate_clients
+        self._last_client: int | None = None  # whom the current worker served
         self._owner_checked = 0.0
         self.log = log
         self.worker: WorkerHandle | None = None
@@ -277,6 +280,7 @@ class Supervisor:
         worker.info = message.meta
         worker.last_ping = time.monotonic()
         self.worker = worker
+        self._last_client = None
         self.state = "ready"
         self._ready.set()
         self._say(f"worker {worker.pid} ready in {message.meta.get('load_seconds', 0):.1f}s")
@@ -488,6 +492,11 @@ class Supervisor:
             with self._lock:
                 self._running = None
             return
+        if self.isolate_clients and self._last_client not in (None, client.id):
+            self.retirements += 1
+            self._retire(self.worker, client, "the next request is of another client (--isolate-clients)")
+            self._restart()
+        self._last_client = client.id
         worker = self.worker
         meta = message.meta
         request_id = self._new_id()
@@ -525,8 +534,9 @@ class Supervisor:
             self._retire(worker, client, str(retire))
 
     def _retire(self, worker: WorkerHandle, client: ClientSession, reason: str) -> None:
-        """The worker found itself changed after a request (``runner.hygiene``): replace it
-        before the next request runs. Planned, not a crash: nobody's request fails."""
+        """The worker found itself changed after a request (``runner.hygiene``), or serves
+        another client next under ``isolate_clients``: replace it before the next request
+        runs. Planned, not a crash: nobody's request fails."""
         self.worker = None
         self._dispose(worker)
         self._say(f"worker {worker.pid} retired after a request of client pid {client.pid}: {reason}")

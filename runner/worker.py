@@ -235,7 +235,7 @@ class Worker:
             request_frames = [next(shared) if isinstance(frame, SharedRef) else memoryview(bytearray(frame))
                               for frame in message.frames]
             try:
-                payload = self._decode(meta.get("form"), request_frames, self._store(meta))
+                payload = self._decode(meta.get("form"), request_frames, meta.get("client"))
             except capture.MissingSources as missing:
                 # Answered, never an error: the client encodes the request again with
                 # those texts and resends it.
@@ -247,18 +247,18 @@ class Worker:
             return "error", {"error": describe(exc, skip_dirs=_OWN_DIRS), "sources": self.sources.summary()}, None
         return "reply", {"sources": self.sources.summary()}, bundle
 
-    def _store(self, meta: dict):
-        """The requesting client's part of the source store (all of it with the test-only
-        switch that turns isolation off, ``runner.hygiene.DISABLED``)."""
-        return self.sources if hygiene.DISABLED else self.sources.tenant(meta.get("client"))
-
-    def _decode(self, form, frames, store):
+    def _decode(self, form, frames, client):
+        """Decode a request of ``client`` with its own part of the source store and of the
+        compile cache (one shared part with the test-only switch that turns isolation off,
+        ``runner.hygiene.DISABLED``)."""
+        tenant = "" if hygiene.DISABLED else str(client)
+        store = self.sources if hygiene.DISABLED else self.sources.tenant(tenant)
         if form == "bytes":
             if len(frames) != 1:
                 raise BadMessage(f"a request in bytes form has one frame, not {len(frames)}")
             try:
                 return capture.loads(frames[0], policy=self.context.policy, persistent_load=self._persistent_load,
-                                     source_store=store)
+                                     source_store=store, tenant=tenant)
             except capture.MissingSources as missing:
                 # Bytes were encoded elsewhere (a job runner's payload): nobody here can
                 # encode them again with the text, so this is the request's error.
@@ -269,7 +269,7 @@ class Worker:
         if form != "frames" or not frames:
             raise BadMessage(f"unknown request form {form!r} (expected 'frames' or 'bytes')")
         return capture.decode(frames[0], frames[1:], policy=self.context.policy,
-                              persistent_load=self._persistent_load, source_store=store)
+                              persistent_load=self._persistent_load, source_store=store, tenant=tenant)
 
     def report_gpu_memory(self, torch) -> None:
         """Send the CUDA memory reserved by this process every half second, so the

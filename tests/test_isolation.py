@@ -395,3 +395,24 @@ def test_a_replaced_handler_does_not_serve_the_next_client(session):
         assert session.worker.status()["restarts"] == 0  # retirements are planned, not crashes
     else:
         assert any(PASSWORD in args for args in seen)
+
+
+def test_isolate_clients_gives_each_client_a_fresh_worker(tmp_path):
+    """The opt-in strong mode: the second client's request runs on another worker process
+    than the first's, and the first client's next one on a third."""
+    (tmp_path / f"{USER}.py").write_text(USER_MODULE + "\n\ndef pid():\n    import os\n    return os.getpid()\n")
+    (tmp_path / "client.py").write_text(CLIENT)
+    policy = tmp_path / "allow-all.toml"
+    policy.write_text(f'name = "allow-all"\ndefault = "allow"\n\n[[rules]]\naction = "deny"\n'
+                      f'modules = ["{USER}"]\nreason = "user code travels as source"\n')
+    with runner.Worker(model="none", policy=str(policy), confine="required", isolate_clients=True) as worker:
+        first = Client(tmp_path, "attacker", worker.socket_path, str(policy))
+        second = Client(tmp_path, "attacker", worker.socket_path, str(policy))
+        try:
+            pids = [client.ask("call", fn="pid", args=[])[0] for client in (first, first, second, first)]
+        finally:
+            first.close()
+            second.close()
+        status = worker.status()
+    assert pids[0] == pids[1] and len(set(pids)) == 3, pids
+    assert (status["retirements"], status["restarts"]) == (2, 0)
