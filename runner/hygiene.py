@@ -28,14 +28,18 @@ docs/SECURITY.md.
 from __future__ import annotations
 
 import builtins
+import copyreg
 import gc
 import hashlib
 import linecache
 import os
+import random
 import shutil
+import signal
 import sys
 import threading
 import types
+import warnings
 from typing import Any
 
 import capture
@@ -243,9 +247,17 @@ class Baseline:
         self._path_hooks = list(sys.path_hooks)
         self._path = list(sys.path)
         self._linecache = dict(linecache.cache)
+        self._signals = {number: signal.getsignal(number) for number in signal.valid_signals()
+                         if number not in (signal.SIGKILL, signal.SIGSTOP)}
+        self._gc_callbacks = list(gc.callbacks)
+        self._environ = dict(os.environ)
+        self._warning_filters = list(warnings.filters)
+        self._limits = (sys.getrecursionlimit(), sys.getswitchinterval(), sys.get_asyncgen_hooks(),
+                        torch.get_num_threads() if torch is not None else None)
         self._registry = {kind: (handler, getattr(handler, "__code__", None))
                           for kind, handler in handlers._registry.items()}
         self._watched = _Watched()
+        self._watched.add(copyreg.dispatch_table, "copyreg.dispatch_table")
         # ids of the classes and functions of start-up modules (held by the copies of
         # their namespaces, so the ids stay theirs): what the audit hook guards.
         self._guarded: set[int] = set()
@@ -363,8 +375,41 @@ class Baseline:
         if threading.excepthook is not self._threading_hook:
             done.append("threading.excepthook")
             threading.excepthook = self._threading_hook
+        for number, handler in self._signals.items():
+            if signal.getsignal(number) is not handler:  # a handler would run inside the next request
+                done.append(f"signal handler {number}")
+                signal.signal(number, handler)
+        for timer in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
+            if signal.getitimer(timer) != (0.0, 0.0):
+                done.append("interval timer")
+                signal.setitimer(timer, 0)
+        if gc.callbacks != self._gc_callbacks:
+            done.append("gc.callbacks")
+            gc.callbacks[:] = self._gc_callbacks
+        if os.environ != self._environ:
+            done.append("environment variables")
+            for key in os.environ.keys() - self._environ.keys():
+                del os.environ[key]
+            os.environ.update(self._environ)
+        if warnings.filters != self._warning_filters:
+            done.append("warnings filters")
+            warnings.filters[:] = self._warning_filters
+            warnings._filters_mutated()
+        recursion, switch, asyncgen, threads = self._limits
+        if (sys.getrecursionlimit(), sys.getswitchinterval(), sys.get_asyncgen_hooks()) != (recursion, switch, asyncgen):
+            done.append("interpreter limits")
+            sys.setrecursionlimit(recursion)
+            sys.setswitchinterval(switch)
+            sys.set_asyncgen_hooks(*asyncgen)
+        random.seed()  # nobody predicts the next request's random numbers from a seed set in this one
         torch = self.torch
         if torch is not None:
+            torch.default_generator.seed()
+            if torch.cuda.is_initialized():
+                torch.cuda.seed_all()
+            if torch.get_num_threads() != threads:
+                done.append("torch threads")
+                torch.set_num_threads(threads)
             grad, dtype = self._torch_modes
             if torch.is_grad_enabled() is not grad:
                 done.append("torch grad mode")
