@@ -165,6 +165,11 @@ class _Watched:
                     if (label, key) in _COUNTERS and type(value) is int:
                         copy[key] = value
                         continue
+                    if copy[key] is None and isinstance(owner, str):
+                        # A module's lazily made singleton (a compiled pattern, tempfile's name
+                        # sequence, urllib's opener): put back, the module makes it again.
+                        mapping[key] = None
+                        continue
                     problems.append(f"{key!s} replaced")
             if problems:
                 found.append(f"{label}: {', '.join(sorted(problems)[:5])}")
@@ -174,7 +179,8 @@ class _Watched:
 def _benign_addition(owner: Any, key: str, value: Any) -> bool:
     """A name added that changes nothing: on a package, a submodule imported later binds
     itself on its parent, and a lazy package (transformers) caches what its own submodule
-    defines under that very name; on a class, copyreg caches ``__slotnames__``, and a
+    defines under that very name, and warnings keeps ``__warningregistry__`` in the
+    module that warned; on a class, copyreg caches ``__slotnames__``, and a
     library that patched an inherited attribute and put it back (nnsight's
     ``Tensor.grad``) leaves the inherited value bound on the class itself."""
     if isinstance(owner, type):
@@ -182,6 +188,8 @@ def _benign_addition(owner: Any, key: str, value: Any) -> bool:
             return isinstance(value, list) and value == _slot_names(owner)
         inherited = next((vars(base)[key] for base in owner.__mro__[1:] if key in vars(base)), _ABSENT)
         return inherited is value
+    if key == "__warningregistry__":  # warnings' bookkeeping of what it has shown
+        return type(value) is dict
     module = owner
     if isinstance(value, types.ModuleType):
         return sys.modules.get(f"{module}.{key}") is value

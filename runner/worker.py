@@ -377,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             policy = sandbox.Policy.load(args.policy)
             _import_extensions([name for name in args.handlers.split(",") if name])
+            if importlib.util.find_spec("torch") is not None:
+                # Even without a model: torch's import patches stdlib modules and registers
+                # picklers, which after the baseline would look like a request tampering
+                # with them (runner.hygiene) and retire the worker on first use of torch.
+                importlib.import_module("torch")
             model_dir = _model_directory(args.model)
             report = sandbox.enter(policy, scratch=args.scratch, read_paths=(model_dir,) if model_dir else (),
                                    confine=args.confine)
