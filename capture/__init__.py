@@ -28,7 +28,8 @@ from .source import compile_segment, forget_shipped_lines
 __all__ = [
     "dumps", "loads", "encode", "encode_variables", "decode", "Bundle", "CaptureError", "BundleError",
     "MissingSources",
-    "Destination", "DefaultDestination", "DEFAULT", "DATA_ONLY", "DataOnly", "Unavailable", "compile_cache_info", "forget_shipped_lines",
+    "Destination", "DefaultDestination", "DEFAULT", "DATA_ONLY", "DataOnly", "Unavailable", "compile_cache_info",
+    "forget_shipped_lines",
 ]
 
 

@@ -56,7 +56,7 @@ _MODULE_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_
                       "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
                       "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
                       "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_parameters", "_buffers",
-                      "_modules", "_non_persistent_buffers_set")
+                      "_modules")
 # Class attributes that count and nothing else: each hook handle takes the next id.
 _COUNTERS = {("class torch.utils.hooks.RemovableHandle", "next_id")}
 # CPython 3.10-3.13 lay a dict out as PyObject_HEAD, ma_used, ma_version_tag.
@@ -404,7 +404,8 @@ class Baseline:
             warnings.filters[:] = self._warning_filters
             warnings._filters_mutated()
         recursion, switch, asyncgen, threads = self._limits
-        if (sys.getrecursionlimit(), sys.getswitchinterval(), sys.get_asyncgen_hooks()) != (recursion, switch, asyncgen):
+        if (sys.getrecursionlimit(), sys.getswitchinterval(), sys.get_asyncgen_hooks()) != \
+                (recursion, switch, asyncgen):
             done.append("interpreter limits")
             sys.setrecursionlimit(recursion)
             sys.setswitchinterval(switch)
@@ -451,8 +452,11 @@ class Baseline:
         """Scrub, then check: the reason to retire the worker, or ``None``."""
         if DISABLED:
             return None
-        self.scrub()
-        found = self.check(keep_fds)
+        try:
+            self.scrub()
+            found = self.check(keep_fds)
+        except Exception as exc:  # what a request left could not even be checked: not trusted
+            found = [f"the worker could not check itself ({type(exc).__name__}: {exc})"]
         return "; ".join(found) if found else None
 
     def check(self, keep_fds=()) -> list[str]:

@@ -12,11 +12,14 @@ talks only to it, over one inherited Unix socket. Start-up order matters:
    and the uid are per thread,
 3. the model load, confined, with its directory granted read-only, and torch's thread pool
    started: the threads they start (progress bars, OpenMP, CUDA) inherit every layer,
-4. the ``ready`` message, then one request at a time; end of the channel ends the process.
+4. a warm-up (the tokenizer once, one forward) and the hygiene baseline
+   (``runner.hygiene``), then the ``ready`` message, then one request at a time; after
+   each the worker scrubs and checks itself, and says in its reply when it must retire;
+   end of the channel ends the process.
 
 Each request's bundle is decoded by ``capture`` under the policy into fresh namespaces,
 handed to its handler (``runner.handlers``), and the result encoded back. Source texts
-the worker was sent are kept in a bounded ``SourceStore``, so a client sends a segment's
+the worker was sent are kept in a bounded ``SourceStore``, per client, so a client sends a segment's
 digest alone the next time; a digest the store lacks is answered with ``miss``. Large frames
 of the request are zero-copy views of the client's memfds, mapped for that request only
 and let go of before the reply; large frames of the result go into a fresh memfd that is

@@ -426,8 +426,8 @@ def test_facades_refuse_monkeypatching_of_provided_modules():
     original = torch.nn.functional.gelu
     for code in ("import torch\ntorch.nn.functional.gelu = torch.nn.functional.relu",
                  "import torch\ndel torch.nn.functional.gelu"):
-        with pytest.raises(sandbox.AttributeViolation, match=r"cannot set or delete torch\.nn\.functional\.gelu .*shared by "
-                                                     r"every request.*What to do"):
+        with pytest.raises(sandbox.AttributeViolation,
+                           match=r"cannot set or delete torch\.nn\.functional\.gelu .*shared by every request.*What to do"):
             run_user_code(Policy.load("ndif-allowlist"), code)
     assert torch.nn.functional.gelu is original
 
