@@ -380,17 +380,17 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             policy = sandbox.Policy.load(args.policy)
             _import_extensions([name for name in args.handlers.split(",") if name])
-            if importlib.util.find_spec("torch") is not None:
-                # Even without a model: torch's import patches stdlib modules and registers
-                # picklers, which after the baseline would look like a request tampering
-                # with them (runner.hygiene) and retire the worker on first use of torch.
-                importlib.import_module("torch")
             model_dir = _model_directory(args.model)
             report = sandbox.enter(policy, scratch=args.scratch, read_paths=(model_dir,) if model_dir else (),
                                    confine=args.confine)
             if os.getppid() != args.parent_pid:  # it died while the uid change had disarmed PDEATHSIG
                 os._exit(1)
             model, device = _load_model(model_dir, args.device)
+            if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
+                # Without a model too, confined like a model load: torch's import patches
+                # stdlib modules and registers picklers, which after the baseline would look
+                # like tampering (runner.hygiene) and retire the worker on first use of torch.
+                importlib.import_module("torch")
             if "torch" in sys.modules:
                 _start_thread_pool(sys.modules["torch"])
             _warm_up(model)

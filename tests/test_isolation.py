@@ -55,7 +55,37 @@ USER_MODULE = textwrap.dedent('''\
         return torch.softmax(torch.tensor(values), 0).tolist()
 
 
+    def leave_secret(secret):
+        """Forgets a file in the scratch directory (the cwd) and a descriptor to another."""
+        import os
+
+        with open("notes.txt", "w") as handle:
+            handle.write(secret)
+        with open("kept.txt", "w") as handle:
+            handle.write(secret)
+        os.open("kept.txt", os.O_RDONLY)
+        os.unlink("kept.txt")
+        return "left"
+
+
     # -- the attacker's code -------------------------------------------------------------
+    def find_leftovers(prefix):
+        import os
+
+        found = []
+        for name in os.listdir("."):
+            with open(name) as handle:
+                found.append(["file " + name, handle.read()])
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                data = os.pread(int(name), 4096, 0)
+            except OSError:
+                continue
+            if prefix.encode() in data:
+                found.append(["fd " + os.readlink("/proc/self/fd/" + name), data.decode(errors="replace")])
+        return found
+
+
     def _lists_in_closure(function):
         cells = getattr(function, "__closure__", None) or ()
         return [cell.cell_contents for cell in cells if isinstance(cell.cell_contents, list)]
@@ -384,6 +414,21 @@ def test_a_thread_left_running_does_not_watch_the_next_request(session):
         assert retired == 1 and seen == [] and _same_result(result, session.reference)
     else:
         assert PASSWORD in seen
+
+
+def test_files_and_descriptors_a_request_leaves_are_gone_before_the_next(session):
+    secret = f"note-{secrets.token_hex(8)}"
+    before = session.worker.status()["retirements"]
+    left, error = session.victim.ask("call", fn="leave_secret", args=[secret])
+    assert (left, error) == ("left", None)
+    retired = session.worker.status()["retirements"] - before
+    found, error = session.attacker.ask("call", fn="find_leftovers", args=["note-"])
+    assert error is None
+    seen = [where for where, text in found if secret in text]
+    if session.protected:  # the file is removed; the descriptor retires the worker
+        assert retired == 1 and seen == []
+    else:
+        assert any(where == "file notes.txt" for where in seen) and any(where.startswith("fd ") for where in seen)
 
 
 def test_a_replaced_handler_does_not_serve_the_next_client(session):
