@@ -539,7 +539,7 @@ class Supervisor:
         runs. Planned, not a crash: nobody's request fails."""
         self.worker = None
         self._dispose(worker)
-        self._say(f"worker {worker.pid} retired after a request of client pid {client.pid}: {reason}")
+        self._say(f"worker {worker.pid} retired: {reason} (client pid {client.pid})")
 
     def _reply_failure(self, client: ClientSession, request_id: int, info: dict) -> None:
         with self._lock:
