@@ -29,6 +29,7 @@ def markdown(results: dict, plot_dir: str | None, plots: list[str]) -> str:
     lines += _tensors(results)
     lines += _worker(results)
     lines += _traces(results)
+    lines += _hygiene(results)
     if plots:
         lines += ["## Plots", ""]
         for name in plots:
@@ -209,6 +210,25 @@ def _traces(results: dict) -> list[str]:
         lines += _table(["path", "time"], [[name, stats_text(value)] for name, value in entry["times"].items()])
         lines += [f"Worker / local trace: {ratio_stats_text(entry['worker_to_local'])}; worker / nnsight "
                   f"remote='local': {ratio_stats_text(entry['worker_to_nnsight_local'])}.", ""]
+    return lines
+
+
+def _hygiene(results: dict) -> list[str]:
+    if "hygiene" not in results:  # runs before the worker's hygiene existed
+        return []
+    measured = results["hygiene"]
+    lines = ["## Worker hygiene between requests", ""]
+    if measured.get("status") != "ok":
+        return lines + [f"Unavailable: {measured.get('reason', 'not run')}", ""]
+    lines += [f"After every request the worker scrubs and checks itself (`runner/hygiene.py`): "
+              f"{measured['watched_dicts']:,} namespaces watched "
+              f"({'by version tag' if measured['version_tags'] else 'by comparing copies'}), tiny-gpt2's "
+              f"{bytes_text(measured['model_parameter_bytes'])} of parameters fingerprinted.", ""]
+    lines += _table(["step", "time"], [[name, stats_text(value)] for name, value in measured["times"].items()])
+    lines += [f"Hygiene / forward, round by round: {ratio_stats_text(measured['ratio_to_forward'])}. "
+              f"Fingerprinting grows with the parameters: blake2b takes "
+              f"{time_text(measured['blake2b_seconds_per_gb']['median'])} per GiB on this CPU "
+              f"(over {bytes_text(measured['hash_buffer_bytes'])}).", ""]
     return lines
 
 

@@ -63,14 +63,16 @@ def dumps(obj: Any, *, policy: Any = None) -> bytes:
 
 def decode(header: bytes | memoryview, frames: Sequence[Any], *, policy: Any = None,
            persistent_load: Callable[[str], Any] | None = None, device: str | None = None,
-           source_store: MutableMapping[str, str] | None = None, label: str = "obj") -> Any:
+           source_store: MutableMapping[str, str] | None = None, label: str = "obj", tenant: str = "") -> Any:
     """Rebuild the object of a bundle given as header bytes and frames.
 
     Writable frames (shared memory) become the tensors' memory without a copy; read-only
     ones are copied once. ``device`` overrides where tensors go (default: where they were,
     if that device exists here, else the CPU). ``source_store`` (digest -> text) is where
     a long-lived receiver remembers sources; segments sent by digest only are read from
-    it, and :class:`MissingSources` lists those it lacks. Raises :class:`BundleError`;
+    it, and :class:`MissingSources` lists those it lacks. ``tenant``: whose bundle this is,
+    on a receiver serving several senders; compiled code is cached per tenant, so no
+    sender's code objects are shared with another's. Raises :class:`BundleError`;
     imports the policy refuses raise its ``ImportError``.
 
     Rebuilding runs the bundle's code (class statements, constructors it names) under
@@ -78,12 +80,13 @@ def decode(header: bytes | memoryview, frames: Sequence[Any], *, policy: Any = N
     :class:`BundleError` naming its path from ``label`` (``result[2].probe.fn``).
     """
     parsed, _ = _format.unpack_header(header)
-    return _decode(parsed, [_bytes_view(f) for f in frames], policy, persistent_load, device, source_store, label)
+    return _decode(parsed, [_bytes_view(f) for f in frames], policy, persistent_load, device, source_store, label,
+                   tenant)
 
 
 def loads(data: bytes | bytearray | memoryview, *, policy: Any = None,
           persistent_load: Callable[[str], Any] | None = None, device: str | None = None,
-          source_store: MutableMapping[str, str] | None = None, label: str = "obj") -> Any:
+          source_store: MutableMapping[str, str] | None = None, label: str = "obj", tenant: str = "") -> Any:
     """Rebuild the object in bundle bytes, like ``pickle.loads``; raises :class:`BundleError`.
 
     Like ``pickle.loads``, this runs code the bundle carries unless ``policy`` restricts
@@ -94,7 +97,7 @@ def loads(data: bytes | bytearray | memoryview, *, policy: Any = None,
     view = _bytes_view(data)
     header, start = _format.unpack_header(view)
     frames = _format.split_frames(view, start, header["frames"])
-    return _decode(header, frames, policy, persistent_load, device, source_store, label)
+    return _decode(header, frames, policy, persistent_load, device, source_store, label, tenant)
 
 
 def _bytes_view(buffer: Any) -> memoryview:
@@ -103,13 +106,13 @@ def _bytes_view(buffer: Any) -> memoryview:
 
 
 def _decode(header: dict, frames: list, policy: Any, persistent_load: Any, device: str | None,
-            source_store: MutableMapping[str, str] | None, label: str) -> Any:
+            source_store: MutableMapping[str, str] | None, label: str, tenant: str = "") -> Any:
     if len(frames) != len(header["frames"]):
         raise BundleError(f"the bundle lists {len(header['frames'])} frames but {len(frames)} came with it")
     try:
         if isinstance(policy, DataOnly):
             return DataDecoder(header, frames, policy, persistent_load, device, source_store, label=label).root()
-        return Decoder(header, frames, policy, persistent_load, device, source_store).root()
+        return Decoder(header, frames, policy, persistent_load, device, source_store, tenant=tenant).root()
     except RecursionError:
         raise BundleError("the bundle nests too deeply to rebuild") from None
     except (BundleError, ImportError):

@@ -50,8 +50,9 @@ def _expect(value: Any, kind: type, what: str) -> Any:
 class Decoder:
     def __init__(self, header: dict, frames: Sequence[memoryview], destination: Any = None,
                  persistent_load: Callable[[str], Any] | None = None, device: str | None = None,
-                 source_store: MutableMapping[str, str] | None = None):
+                 source_store: MutableMapping[str, str] | None = None, tenant: str = ""):
         self.header = header
+        self.tenant = tenant
         self.frames = frames
         self.dest = destination if destination is not None else DEFAULT
         self.persistent_load = persistent_load
@@ -314,7 +315,7 @@ class Decoder:
             raise BundleError("malformed bundle: a function node points at a class statement")
         closure = _expect(spec.get("closure", {}), dict, "closure")
         freevars = tuple(sorted(closure))
-        code = code_of(compile_segment(segment, freevars), segment, freevars)
+        code = code_of(compile_segment(segment, freevars, self.tenant), segment, freevars)
         if set(code.co_freevars) != set(freevars):
             raise BundleError(f"malformed bundle: {spec.get('qualname')} closes over {sorted(closure)} "
                               f"but its source uses {sorted(code.co_freevars)}")
@@ -365,7 +366,7 @@ class Decoder:
         self.prepare(index)
         closure = _expect(spec.get("closure", {}), dict, "class closure")
         freevars = tuple(sorted(closure))
-        code = compile_segment(segment, freevars)
+        code = compile_segment(segment, freevars, self.tenant)
         namespace = self.namespace(spec["module"])
         if freevars:
             runner_code = class_closure_code(code)

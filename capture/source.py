@@ -294,8 +294,11 @@ def class_statement_code(segment: Segment) -> types.CodeType:
 # --- compiling on the receiving side ---
 
 @lru_cache(maxsize=4096)
-def compile_segment(segment: Segment, freevars: tuple[str, ...]) -> types.CodeType:
+def compile_segment(segment: Segment, freevars: tuple[str, ...], tenant: str = "") -> types.CodeType:
     """Compile ``segment`` so that positions in tracebacks are the original ones.
+
+    ``tenant`` only keys the cache: a receiver serving several senders shares no code
+    object between them.
 
     A ``def`` is compiled without its decorators (the live function object they made
     travels instead, so the def statement itself never runs). With ``freevars``, the

@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--secret-fd", type=int, default=None,
                        help="read the server's secret from this inherited pipe (how runner.Worker starts "
                             "a server); without it the server makes one and writes it to SOCKET.secret")
+    serve.add_argument("--isolate-clients", action="store_true",
+                       help="a fresh worker whenever the next request is of another client than the last "
+                            "(for mutually distrusting tenants; costs a worker start per switch)")
     serve.add_argument("--test-only-trust-worker-channel", action="store_true", help=argparse.SUPPRESS)
     for name, text in (("status", "print a worker server's status"), ("stop", "stop a worker server")):
         command = commands.add_parser(name, help=text)
@@ -115,6 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
         owner_pid=args.owner, secret=secret, threads=args.threads, max_clients=args.max_clients,
         max_queued_bytes=args.max_queued_bytes, handshake_timeout=args.handshake_timeout,
         send_timeout=args.send_timeout, trust_worker_channel=args.test_only_trust_worker_channel,
+        isolate_clients=args.isolate_clients,
     )
     return supervisor.serve()
 

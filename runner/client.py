@@ -111,6 +111,8 @@ class Worker:
     server's ``--timeout`` caps it). ``threads``: the worker's torch thread budget
     (``serve --threads``). ``memory_limit``: bytes of RSS (and of CUDA memory) past which the worker
     is killed and restarted. ``confine``: ``"best-effort"``, ``"required"`` or ``"off"``.
+    ``isolate_clients``: a fresh worker whenever the next request is of another client
+    than the last (tenants who must not share even one process; a worker start per switch).
     The server-side settings apply only when this ``Worker`` starts the server.
 
     The server is authenticated before any request goes out (docs/RUNNER.md,
@@ -124,7 +126,8 @@ class Worker:
                  device: str = "auto", timeout: float | None = None, memory_limit: int | None = None,
                  confine: str = "best-effort", *, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
                  start_timeout: float = 600.0, handlers: tuple[str, ...] = (),
-                 reconnect: float = DEFAULT_RECONNECT_SECONDS, threads: int | None = None):
+                 reconnect: float = DEFAULT_RECONNECT_SECONDS, threads: int | None = None,
+                 isolate_clients: bool = False):
         self.shm_threshold = shm_threshold
         self.reconnect = reconnect
         self.timeout = None if timeout is None else check_seconds(timeout, "timeout")
@@ -156,7 +159,7 @@ class Worker:
                 socket = os.path.join(self._own_dir, "worker.sock")
             self.socket_path = os.path.abspath(socket)
             self._start_args = (model, policy, device, timeout, memory_limit, confine, shm_threshold,
-                                start_timeout, handlers, threads)
+                                start_timeout, handlers, threads, isolate_clients)
             self._start_server(*self._start_args)
         self.policy = None
         try:
@@ -170,10 +173,12 @@ class Worker:
 
     # -- set-up ------------------------------------------------------------------------
     def _start_server(self, model, policy, device, timeout, memory_limit, confine, shm_threshold,
-                      start_timeout, handlers, threads) -> None:
+                      start_timeout, handlers, threads, isolate_clients) -> None:
         argv = [sys.executable, "-m", "runner", "serve", "--socket", self.socket_path, "--model", model,
                 "--device", device, "--confine", confine, "--shm-threshold", str(shm_threshold),
                 "--owner", str(os.getpid()), "--start-timeout", str(start_timeout)]
+        if isolate_clients:
+            argv.append("--isolate-clients")
         if policy is not None:
             argv += ["--policy", os.fspath(policy)]
         if timeout is not None:

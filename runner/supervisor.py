@@ -289,7 +289,7 @@ class Supervisor:
                  owner_pid: int | None = None, secret: bytes | None = None, threads: int | None = None,
                  max_clients: int = DEFAULT_MAX_CLIENTS, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_SECONDS, send_timeout: float = DEFAULT_SEND_SECONDS,
-                 trust_worker_channel: bool = False, log=sys.stderr):
+                 trust_worker_channel: bool = False, isolate_clients: bool = False, log=sys.stderr):
         self.socket_path = os.path.abspath(socket_path)
         # Given by the Worker that starts us, or made here and written beside the socket.
         self._secret = secret if secret is not None else auth.new_secret()
@@ -308,12 +308,15 @@ class Supervisor:
         self._refusals, self._refusal_logged = 0, float("-inf")
         self.shm_threshold, self.handlers, self.start_timeout = shm_threshold, handlers, start_timeout
         self.owner_pid = owner_pid
+        # A fresh worker whenever the next request is of another client (--isolate-clients).
+        self.isolate_clients = isolate_clients
+        self._last_client: int | None = None  # whom the current worker served
         self._owner_checked = 0.0
         self.log = log
         self.worker: WorkerHandle | None = None
         self.state = "starting"
         self.started_at = time.time()
-        self.served = self.restarts = 0
+        self.served = self.restarts = self.retirements = 0
         self.last_crash: str | None = None
         self._ready = threading.Event()
         self._start_error: str | None = None
@@ -397,6 +400,7 @@ class Supervisor:
         worker.info = message.meta
         worker.last_ping = time.monotonic()
         self.worker = worker
+        self._last_client = None
         self.state = "ready"
         self._ready.set()
         self._say(f"worker {worker.pid} ready in {message.meta.get('load_seconds', 0):.1f}s")
@@ -642,6 +646,11 @@ class Supervisor:
             with self._lock:
                 self._running = None
             return
+        if self.isolate_clients and self._last_client not in (None, client.id):
+            self.retirements += 1
+            self._retire(self.worker, client, "the next request is of another client (--isolate-clients)")
+            self._restart()
+        self._last_client = client.id
         worker = self.worker
         meta = message.meta
         request_id = self._new_id()
@@ -652,6 +661,7 @@ class Supervisor:
         try:
             worker.conn.send("request", request_id, {
                 "kind": meta["kind"], "form": meta.get("form", "frames"), "reply": meta.get("reply", "frames"),
+                "client": client.id,  # the tenant: the worker keeps each client's sources apart
             }, message.frames, message.fds)
         except (TypeError, ValueError, OverflowError) as exc:  # refused before a byte went out
             message.close()
@@ -669,9 +679,22 @@ class Supervisor:
             self._running = None
             client.rerun.discard(message.id)
         message.close()  # answered: the worker had its own copies of its descriptors
+        retire = reply.meta.get("retire")
+        if retire:
+            self.retirements += 1  # before the reply goes out: a status after it shows it
         # Out through the client's outbox, which closes the reply's descriptors once sent;
         # its inline frames are copied out of the channel's receive buffer first.
         client.post(reply.kind, message.id, reply.meta, reply.detach())
+        if retire:
+            self._retire(worker, client, str(retire))
+
+    def _retire(self, worker: WorkerHandle, client: ClientSession, reason: str) -> None:
+        """The worker found itself changed after a request (``runner.hygiene``), or serves
+        another client next under ``isolate_clients``: replace it before the next request
+        runs. Planned, not a crash: nobody's request fails."""
+        self.worker = None
+        self._dispose(worker)
+        self._say(f"worker {worker.pid} retired: {reason} (client pid {client.pid})")
 
     def _reply_failure(self, client: ClientSession, request_id: int, info: dict) -> None:
         with self._lock:
@@ -936,7 +959,8 @@ class Supervisor:
             "model": self.model, "device": info.get("device", self.device),
             "policy": info.get("policy", self.policy), "sandbox": info.get("sandbox"),
             "kinds": info.get("kinds", []), "uptime": time.time() - self.started_at,
-            "served": self.served, "restarts": self.restarts, "last_crash": self.last_crash,
+            "served": self.served, "restarts": self.restarts,
+            "retirements": self.retirements, "last_crash": self.last_crash,
             "clients": clients, "queued": queued, "running": running, "rss": rss,
             "gpu": worker.gpu_bytes if worker is not None else None,
             "memory_limit": self.memory_limit, "timeout": self.timeout, "threads": self.threads,

@@ -12,11 +12,14 @@ talks only to it, over one inherited Unix socket. Start-up order matters:
    and the uid are per thread,
 3. the model load, confined, with its directory granted read-only, and torch's thread pool
    started: the threads they start (progress bars, OpenMP, CUDA) inherit every layer,
-4. the ``ready`` message, then one request at a time; end of the channel ends the process.
+4. a warm-up (the tokenizer once, one forward) and the hygiene baseline
+   (``runner.hygiene``), then the ``ready`` message, then one request at a time; after
+   each the worker scrubs and checks itself, and says in its reply when it must retire;
+   end of the channel ends the process.
 
 Each request's bundle is decoded by ``capture`` under the policy into fresh namespaces,
 handed to its handler (``runner.handlers``), and the result encoded back. Source texts
-the worker was sent are kept in a bounded ``SourceStore``, so a client sends a segment's
+the worker was sent are kept in a bounded ``SourceStore``, per client, so a client sends a segment's
 digest alone the next time; a digest the store lacks is answered with ``miss``. Large frames
 of the request are zero-copy views of the client's memfds, mapped for that request only
 and let go of before the reply; large frames of the result go into a fresh memfd that is
@@ -42,7 +45,7 @@ import traceback
 import capture
 import sandbox
 
-from . import handlers
+from . import handlers, hygiene
 from . import errors as errors_module
 from .errors import BadMessage, ProtocolError, describe, failure
 from .protocol import Connection, ConnectionClosed, SharedRef
@@ -107,10 +110,39 @@ class SourceStore(collections.abc.MutableMapping):
     def __len__(self) -> int:
         return len(self._texts)
 
+    def tenant(self, client: object) -> "_TenantStore":
+        """The store as one client sees it: a digest another client sent never resolves."""
+        return _TenantStore(self, f"{client}/")
+
     def summary(self) -> dict:
         """What clients and ``status`` see: the store's id, size and hit counts."""
         return {"id": self.id, "entries": len(self._texts), "chars": self._chars,
                 "max_chars": self.max_chars, "hits": self.hits, "misses": self.misses}
+
+
+class _TenantStore(collections.abc.MutableMapping):
+    """One client's part of the ``SourceStore`` (shared bound, separate digests)."""
+
+    def __init__(self, store: SourceStore, prefix: str):
+        self._store, self._prefix = store, prefix
+
+    def __getitem__(self, digest: str) -> str:
+        return self._store[self._prefix + digest]
+
+    def __setitem__(self, digest: str, text: str) -> None:
+        self._store[self._prefix + digest] = text
+
+    def __delitem__(self, digest: str) -> None:
+        del self._store[self._prefix + digest]
+
+    def __contains__(self, digest: object) -> bool:
+        return isinstance(digest, str) and self._prefix + digest in self._store
+
+    def __iter__(self):
+        return (key[len(self._prefix):] for key in list(self._store) if key.startswith(self._prefix))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class _ClientDestination:
@@ -129,6 +161,7 @@ class Worker:
         self.context = context
         self.sources = sources
         self._destination = _ClientDestination()
+        self.hygiene: hygiene.Baseline | None = None  # set once start-up is over
 
     # -- tokens standing for the model -------------------------------------------------
     def _persistent_load(self, token: str):
@@ -184,6 +217,11 @@ class Worker:
         frames = bundle = None
         memory.release()
         capture.release_lines()  # what this request shipped is not kept for the next one
+        retire = self.hygiene.after_request(staged.fds) if self.hygiene is not None else None
+        if retire:  # the supervisor replaces this worker before the next request runs
+            meta = {**meta, "retire": retire}
+            print(f"sourcebox worker {os.getpid()}: request {message.id} of client {message.meta.get('client')} "
+                  f"changed the worker, which retires: {retire}", file=sys.stderr, flush=True)
         try:
             buffer = self.conn.send_staged(kind, message.id, meta, staged)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -193,7 +231,7 @@ class Worker:
                 errors_module.RUNNER, errors_module.cut(
                     f"the worker could not send its {kind} to this request: {type(exc).__name__}: {exc}; "
                     "return (or raise with) plain values of a reasonable size")),
-                "sources": self.sources.summary()})
+                "sources": self.sources.summary(), **({"retire": retire} if retire else {})})
         if buffer is not None:
             self.conn.pool.release(buffer)
 
@@ -210,7 +248,7 @@ class Worker:
             request_frames = [next(shared) if isinstance(frame, SharedRef) else memoryview(bytearray(frame))
                               for frame in message.frames]
             try:
-                payload = self._decode(meta.get("form"), request_frames)
+                payload = self._decode(meta.get("form"), request_frames, meta.get("client"))
             except capture.MissingSources as missing:
                 # Answered, never an error: the client encodes the request again with
                 # those texts and resends it.
@@ -222,13 +260,18 @@ class Worker:
             return "error", {"error": describe(exc, skip_dirs=_OWN_DIRS), "sources": self.sources.summary()}, None
         return "reply", {"sources": self.sources.summary()}, bundle
 
-    def _decode(self, form, frames):
+    def _decode(self, form, frames, client):
+        """Decode a request of ``client`` with its own part of the source store and of the
+        compile cache (one shared part with the test-only switch that turns isolation off,
+        ``runner.hygiene.DISABLED``)."""
+        tenant = "" if hygiene.DISABLED else str(client)
+        store = self.sources if hygiene.DISABLED else self.sources.tenant(tenant)
         if form == "bytes":
             if len(frames) != 1:
                 raise BadMessage(f"a request in bytes form has one frame, not {len(frames)}")
             try:
                 return capture.loads(frames[0], policy=self.context.policy, persistent_load=self._persistent_load,
-                                     source_store=self.sources)
+                                     source_store=store, tenant=tenant)
             except capture.MissingSources as missing:
                 # Bytes were encoded elsewhere (a job runner's payload): nobody here can
                 # encode them again with the text, so this is the request's error.
@@ -239,7 +282,7 @@ class Worker:
         if form != "frames" or not frames:
             raise BadMessage(f"unknown request form {form!r} (expected 'frames' or 'bytes')")
         return capture.decode(frames[0], frames[1:], policy=self.context.policy,
-                              persistent_load=self._persistent_load, source_store=self.sources)
+                              persistent_load=self._persistent_load, source_store=store, tenant=tenant)
 
     def report_gpu_memory(self, torch) -> None:
         """Send the CUDA memory reserved by this process every half second, so the
@@ -293,6 +336,23 @@ def _start_thread_pool(torch) -> None:
     torch.zeros(1 << 20).add_(1)  # past the parallel grain size: every pool thread starts
 
 
+def _warm_up(model) -> None:
+    """Run the tokenizer and one forward now: the pools and caches they start on first use
+    (the tokenizer's threads, lazily set attributes) then belong to start-up, and the first
+    request does not look like one that changed the worker (``runner.hygiene``)."""
+    if model is None:
+        return
+    import torch
+
+    tokenizer = getattr(model, "tokenizer", None)
+    inputs = tokenizer("sourcebox", return_tensors="pt") if tokenizer is not None else \
+        {"input_ids": torch.zeros((1, 1), dtype=torch.long)}
+    parameter = next(model._module.parameters(), None)
+    with torch.no_grad():
+        model._module(**{key: value.to(parameter.device) if parameter is not None else value
+                         for key, value in inputs.items()})
+
+
 def _import_extensions(extra: list[str]) -> None:
     for name in (*handlers.EXTENSIONS, *extra):
         if name in handlers.EXTENSIONS and importlib.util.find_spec(name) is None:
@@ -340,8 +400,14 @@ def main(argv: list[str] | None = None) -> int:
             if os.getppid() != args.parent_pid:  # it died while the uid change had disarmed PDEATHSIG
                 os._exit(1)
             model, device = _load_model(model_dir, args.device)
+            if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
+                # Without a model too, confined like a model load: torch's import patches
+                # stdlib modules and registers picklers, which after the baseline would look
+                # like tampering (runner.hygiene) and retire the worker on first use of torch.
+                importlib.import_module("torch")
             if "torch" in sys.modules:
                 _start_thread_pool(sys.modules["torch"])
+            _warm_up(model)
             loaded = time.monotonic() - started
         except BaseException as exc:
             conn.send("failed", 0, {"error": f"{type(exc).__name__}: {exc}",
@@ -354,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
 
             threading.Thread(target=worker.report_gpu_memory, args=(torch,), daemon=True,
                              name="gpu-memory").start()
+        if not hygiene.DISABLED:
+            worker.hygiene = hygiene.Baseline(model, scratch=args.scratch)
         print(f"sourcebox worker {os.getpid()}: model {args.model} on {device} loaded in {loaded:.1f}s; "
               f"policy {policy.name}; {report}", file=sys.stderr, flush=True)
         conn.send("ready", 0, {

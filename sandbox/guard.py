@@ -69,14 +69,12 @@ class ModuleFacade(types.ModuleType):
         return guard.read_attribute(module, name, transit)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        guard, module, transit = object.__getattribute__(self, "__dict__")["__sandbox_target__"]
-        guard.check_write(module, name, transit)
-        setattr(module, name, value)
+        guard, module, _ = object.__getattribute__(self, "__dict__")["__sandbox_target__"]
+        raise guard.write_refused(module, name)
 
     def __delattr__(self, name: str) -> None:
-        guard, module, transit = object.__getattribute__(self, "__dict__")["__sandbox_target__"]
-        guard.check_write(module, name, transit)
-        delattr(module, name)
+        guard, module, _ = object.__getattribute__(self, "__dict__")["__sandbox_target__"]
+        raise guard.write_refused(module, name)
 
     def __dir__(self) -> list[str]:
         guard, module, transit = object.__getattribute__(self, "__dict__")["__sandbox_target__"]
@@ -463,15 +461,16 @@ class Guard:
             policy=self.policy.name,
         )
 
-    def check_write(self, module: types.ModuleType, name: str, transit: bool) -> None:
-        """Setting or deleting an attribute through a facade needs the same permission as reading it."""
+    def write_refused(self, module: types.ModuleType, name: str) -> AttributeViolation:
+        """Why setting or deleting an attribute through a facade is refused: a provided module
+        is shared by every request a long-lived worker runs, so a change would reach the
+        next tenant (``torch.softmax = spy``)."""
         owner = module.__name__
-        if transit:
-            raise self._transit_violation(
-                owner, name, f"cannot change {owner}.{name}: policy {self.policy.name!r} does not provide {owner!r}")
-        decision = self.policy.decide(owner, name)
-        if not decision.action.permits:
-            self._refuse_attribute(owner, name, decision)
+        return AttributeViolation(
+            f"cannot set or delete {owner}.{name} ({caller_site()}): modules the policy provides are "
+            f"shared by every request on the worker, so user code may not change them. What to do: keep "
+            f"your replacement in your own module and call it from your code, or pass it where it is used.",
+            module=owner, attribute=name, rule="provided modules are read-only", policy=self.policy.name)
 
     def _transit_violation(self, owner: str, name: str, message: str) -> AttributeViolation:
         """Refusal for a module user code only passes through on the way to an allowed one."""

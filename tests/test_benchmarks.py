@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from benchmarks import baselines, harness, plots, report, serialization, targets, transport
+from benchmarks import baselines, harness, hygiene, plots, report, serialization, targets, transport
 from benchmarks.measure import Progress, interleaved, paired_ratios
 from benchmarks.settings import QUICK
 from benchmarks.usercode import write_and_import
@@ -55,6 +55,15 @@ def test_a_real_scenario_measures_every_serializer_and_cold_loads_in_a_fresh_pro
     their_bytes = record["serializers"][baselines.CLOUDPICKLE_BY_VALUE]["payload_bytes"]
     assert by_value["size"] == ours["payload_bytes"] / their_bytes
     assert by_value["dumps"]["n"] == 2
+
+
+def test_the_hygiene_phase_measures_a_clean_request_in_a_worker_like_child():
+    measured = hygiene.run(dataclasses.replace(QUICK, call_repeats=2), Progress())
+    assert measured["status"] == "ok" and measured["version_tags"] is True and measured["watched_dicts"] > 1000
+    assert all(stats["n"] == 2 and stats["median"] > 0 for stats in measured["times"].values())
+    assert measured["ratio_to_forward"]["n"] == 2 and measured["blake2b_seconds_per_gb"]["median"] > 0
+    section = "\n".join(report._hygiene({"hygiene": measured}))
+    assert "## Worker hygiene between requests" in section and hygiene.AFTER in section
 
 
 def test_committed_results_are_valid_and_regenerate_results_md_exactly(committed_results):

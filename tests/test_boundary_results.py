@@ -292,8 +292,18 @@ def test_a_dataclass_config_in_a_trace_is_refused_by_its_name_where_dataclasses_
 
 @pytest.fixture(scope="module")
 def confined():
-    """A worker of its own: the attacks below leave it poisoned."""
-    with runner.Worker(model="none", policy="nnsight-local", confine="required") as worker:
+    """A worker of its own: the attacks below leave it poisoned, on purpose, to test the
+    client's data-only decoding alone (its hygiene, runner.hygiene, would retire it)."""
+    saved = os.environ.get("SOURCEBOX_TEST_NO_HYGIENE")
+    os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = "1"  # read by the server it starts
+    try:
+        worker = runner.Worker(model="none", policy="nnsight-local", confine="required")
+    finally:
+        if saved is None:
+            del os.environ["SOURCEBOX_TEST_NO_HYGIENE"]
+        else:
+            os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = saved
+    with worker:
         yield worker
 
 

@@ -38,6 +38,21 @@ import pytest
 import runner
 import sandbox
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _without_hygiene():
+    """These attacks leave threads, files and hooks in the worker on purpose, to test
+    confinement alone: with its hygiene on (``runner.hygiene``) the worker would retire
+    after each of them, before the next request could find what was left."""
+    saved = os.environ.get("SOURCEBOX_TEST_NO_HYGIENE")
+    os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = "1"
+    yield
+    if saved is None:
+        del os.environ["SOURCEBOX_TEST_NO_HYGIENE"]
+    else:
+        os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = saved
+
+
 REPO = Path(__file__).resolve().parents[1]
 ROOT = os.geteuid() == 0
 THREADS_TO_START = 2000

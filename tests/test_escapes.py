@@ -19,6 +19,8 @@ even unconfined would prove nothing.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from escapes.attempts import ATTEMPTS, Attempt
@@ -41,6 +43,20 @@ action = "deny"
 modules = ["escapes", "{USER_PACKAGE}"]
 reason = "the escape suite's own code is not on the worker: it travels as source"
 """
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _without_hygiene():
+    """Attempts that fail can leave descriptors, paths or patched modules behind; the
+    worker's hygiene (runner.hygiene) would retire it after each. This suite judges the
+    confinement alone, on one worker, so hygiene is off for it."""
+    saved = os.environ.get("SOURCEBOX_TEST_NO_HYGIENE")
+    os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = "1"
+    yield
+    if saved is None:
+        del os.environ["SOURCEBOX_TEST_NO_HYGIENE"]
+    else:
+        os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = saved
 
 
 @pytest.fixture(scope="module")

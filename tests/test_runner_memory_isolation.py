@@ -105,7 +105,7 @@ USER_MODULE = textwrap.dedent('''\
                 pass
             return real_close(fd)
 
-        os.close = close
+        os.makedirs.__globals__["close"] = close  # past the facade, which refuses os.close = ...
         return "planted"
 
 
@@ -166,7 +166,10 @@ CLIENT = textwrap.dedent(f'''\
 
 
 @pytest.fixture
-def project(tmp_path):
+def project(tmp_path, monkeypatch):
+    # These attacks leave the worker poisoned on purpose, to test the memory layer alone:
+    # with the worker's hygiene on (runner.hygiene) it would retire before the next request.
+    monkeypatch.setenv("SOURCEBOX_TEST_NO_HYGIENE", "1")
     (tmp_path / f"{MODULE}.py").write_text(USER_MODULE)
     (tmp_path / "client.py").write_text(CLIENT)
     # Everything allowed but the user module, so it travels as source.

@@ -420,17 +420,16 @@ def test_relative_import_in_shipped_code_is_explained():
         run_user_code(Policy.load("default"), "from . import sibling")
 
 
-def test_facades_allow_monkeypatching_of_permitted_attributes():
+def test_facades_refuse_monkeypatching_of_provided_modules():
     import torch
 
-    namespace = run_user_code(
-        Policy.load("ndif-allowlist"),
-        "import torch\noriginal = torch.nn.functional.gelu\ntorch.nn.functional.gelu = torch.nn.functional.relu",
-    )
-    try:
-        assert torch.nn.functional.gelu is torch.nn.functional.relu
-    finally:
-        torch.nn.functional.gelu = namespace["original"]
+    original = torch.nn.functional.gelu
+    for code in ("import torch\ntorch.nn.functional.gelu = torch.nn.functional.relu",
+                 "import torch\ndel torch.nn.functional.gelu"):
+        with pytest.raises(sandbox.AttributeViolation,
+                           match=r"cannot set or delete torch\.nn\.functional\.gelu .*shared by every request.*What to do"):
+            run_user_code(Policy.load("ndif-allowlist"), code)
+    assert torch.nn.functional.gelu is original
 
 
 # ---------------------------------------------------------------------- diff
