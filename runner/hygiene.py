@@ -42,7 +42,6 @@ import types
 import warnings
 from typing import Any
 
-
 from . import handlers
 
 #: TEST ONLY: ``SOURCEBOX_TEST_NO_HYGIENE=1`` makes the worker skip the scrub and every

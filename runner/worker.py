@@ -114,6 +114,12 @@ class SourceStore(collections.abc.MutableMapping):
         """The store as one client sees it: a digest another client sent never resolves."""
         return _TenantStore(self, f"{client}/")
 
+    def keep_only(self, client: object) -> None:
+        """Drop every text but ``client``'s (the worker serves another client next)."""
+        prefix = f"{client}/"
+        for digest in [key for key in self._texts if not key.startswith(prefix)]:
+            del self[digest]
+
     def summary(self) -> dict:
         """What clients and ``status`` see: the store's id, size and hit counts."""
         return {"id": self.id, "entries": len(self._texts), "chars": self._chars,
@@ -162,6 +168,7 @@ class Worker:
         self.sources = sources
         self._destination = _ClientDestination()
         self.hygiene: hygiene.Baseline | None = None  # set once start-up is over
+        self._tenant: str | None = None  # the client whose texts and code the worker holds
 
     # -- tokens standing for the model -------------------------------------------------
     def _persistent_load(self, token: str):
@@ -265,6 +272,12 @@ class Worker:
         compile cache (one shared part with the test-only switch that turns isolation off,
         ``runner.hygiene.DISABLED``)."""
         tenant = "" if hygiene.DISABLED else str(client)
+        if tenant != self._tenant and not hygiene.DISABLED:
+            # Another client's source texts and compiled code would stay live objects here,
+            # which code of this request could find (gc.get_objects): drop them on a switch.
+            self.sources.keep_only(tenant)
+            capture.source.compile_segment.cache_clear()
+            self._tenant = tenant
         store = self.sources if hygiene.DISABLED else self.sources.tenant(tenant)
         if form == "bytes":
             if len(frames) != 1:

@@ -74,6 +74,8 @@ USER_MODULE = textwrap.dedent('''\
 
         found = []
         for name in os.listdir("."):
+            if not os.path.isfile(name):
+                continue  # torch's cache directory, made at start-up (TMPDIR is scratch)
             with open(name) as handle:
                 found.append(["file " + name, handle.read()])
         for name in os.listdir("/proc/self/fd"):
@@ -186,6 +188,20 @@ USER_MODULE = textwrap.dedent('''\
         import linecache
 
         return [line for entry in list(linecache.cache.values()) for line in entry[2] if prefix in line]
+
+
+    def search_memory(prefix):
+        """Every live str and code constant in the worker that holds ``prefix``."""
+        import gc
+        import types
+
+        found = set()
+        for obj in gc.get_objects():
+            texts = dict.values(obj) if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+            found.update(t for t in texts if isinstance(t, str) and prefix in t)
+            if isinstance(obj, types.CodeType):
+                found.update(c for c in obj.co_consts if isinstance(c, str) and prefix in c)
+        return sorted(found)
 
 
     def steal(function):
@@ -403,7 +419,9 @@ def test_another_clients_source_is_neither_in_linecache_nor_in_the_source_store(
         assert lines == [] and stolen is None
         assert "sent by digest only and this worker does not hold them" in error
     else:
-        assert any(API_KEY in line for line in lines) and API_KEY in stolen
+        # Shipped lines leave linecache after every request in any case (the bounded line
+        # registry), so the control shows the theft through the shared store.
+        assert API_KEY in stolen
 
 
 def test_a_thread_left_running_does_not_watch_the_next_request(session):
@@ -461,3 +479,15 @@ def test_isolate_clients_gives_each_client_a_fresh_worker(tmp_path):
         status = worker.status()
     assert pids[0] == pids[1] and len(set(pids)) == 3, pids
     assert (status["retirements"], status["restarts"]) == (2, 0)
+
+
+def test_another_clients_source_and_code_are_not_live_in_the_worker(session):
+    """gc.get_objects() walks every live object: the previous client's source texts (in the
+    store) and compiled code (in the compile cache) must not be among them."""
+    session.victim_run()
+    found, error = session.attacker.ask("call", fn="search_memory", args=["sk-live-"])
+    assert error is None
+    if session.protected:
+        assert not any(API_KEY in text for text in found), found
+    else:
+        assert any(API_KEY in text for text in found)
