@@ -1,4 +1,5 @@
 """Helpers shared by the runner tests."""
+import contextlib
 import os
 import socket
 import time
@@ -16,6 +17,26 @@ def raw_client(worker, timeout: float = 30) -> Connection:
     conn.send("hello", 0, {"nonce": os.urandom(32)})
     assert conn.recv().kind == "welcome"
     return conn
+
+
+@contextlib.contextmanager
+def environment(**variables: str | None):
+    """Set (``None``: remove) environment variables inside the ``with`` block, then put
+    back what was there; servers started inside inherit them."""
+    saved = {name: os.environ.get(name) for name in variables}
+    try:
+        for name, value in variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> None:

@@ -19,6 +19,7 @@ import pytest
 
 import capture
 import runner
+from runner_support import environment
 
 PROBES = '''\
 class MeanTracker:
@@ -294,15 +295,8 @@ def test_a_dataclass_config_in_a_trace_is_refused_by_its_name_where_dataclasses_
 def confined():
     """A worker of its own: the attacks below leave it poisoned, on purpose, to test the
     client's data-only decoding alone (its hygiene, runner.hygiene, would retire it)."""
-    saved = os.environ.get("SOURCEBOX_TEST_NO_HYGIENE")
-    os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = "1"  # read by the server it starts
-    try:
+    with environment(SOURCEBOX_TEST_NO_HYGIENE="1"):  # read by the server it starts
         worker = runner.Worker(model="none", policy="nnsight-local", confine="required")
-    finally:
-        if saved is None:
-            del os.environ["SOURCEBOX_TEST_NO_HYGIENE"]
-        else:
-            os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = saved
     with worker:
         yield worker
 

@@ -37,6 +37,7 @@ import pytest
 
 import runner
 import sandbox
+from runner_support import environment
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,13 +45,8 @@ def _without_hygiene():
     """These attacks leave threads, files and hooks in the worker on purpose, to test
     confinement alone: with its hygiene on (``runner.hygiene``) the worker would retire
     after each of them, before the next request could find what was left."""
-    saved = os.environ.get("SOURCEBOX_TEST_NO_HYGIENE")
-    os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = "1"
-    yield
-    if saved is None:
-        del os.environ["SOURCEBOX_TEST_NO_HYGIENE"]
-    else:
-        os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = saved
+    with environment(SOURCEBOX_TEST_NO_HYGIENE="1"):
+        yield
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,19 +226,11 @@ def targets():
     directory.rmdir()
 
 
-def _start(confine: str, **environment: str) -> runner.Worker:
-    saved = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
-    try:
+def _start(confine: str, **variables: str) -> runner.Worker:
+    with environment(**variables):
         # Two torch threads whatever the machine's default budget: the pool's threads are
         # among the tasks these tests check.
         return runner.Worker(model="tiny-gpt2", confine=confine, timeout=120, threads=2)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 SUPERVISOR_SECRET = "supervisor-secret-" + os.urandom(8).hex()

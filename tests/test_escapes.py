@@ -19,7 +19,6 @@ even unconfined would prove nothing.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -27,6 +26,7 @@ from escapes.attempts import ATTEMPTS, Attempt
 from escapes.harness import ConfinedWorker
 from escapes.via_runner import USER_PACKAGE, RunnerWorker
 from escapes.witness import Witness
+from runner_support import environment
 
 import sandbox
 
@@ -50,13 +50,8 @@ def _without_hygiene():
     """Attempts that fail can leave descriptors, paths or patched modules behind; the
     worker's hygiene (runner.hygiene) would retire it after each. This suite judges the
     confinement alone, on one worker, so hygiene is off for it."""
-    saved = os.environ.get("SOURCEBOX_TEST_NO_HYGIENE")
-    os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = "1"
-    yield
-    if saved is None:
-        del os.environ["SOURCEBOX_TEST_NO_HYGIENE"]
-    else:
-        os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = saved
+    with environment(SOURCEBOX_TEST_NO_HYGIENE="1"):
+        yield
 
 
 @pytest.fixture(scope="module")

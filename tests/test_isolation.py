@@ -22,6 +22,7 @@ import textwrap
 import pytest
 
 import runner
+from runner_support import environment
 
 TAG = secrets.token_hex(4)
 USER = f"iso_user_{TAG}"
@@ -341,22 +342,15 @@ def session(request, tmp_path_factory):
     policy = project / "allow-all.toml"  # the strongest attacker the policy allows
     policy.write_text(f'name = "allow-all"\ndefault = "allow"\n\n[[rules]]\naction = "deny"\n'
                       f'modules = ["{USER}", "{VICTIM}"]\nreason = "user code travels as source"\n')
-    saved = os.environ.pop("SOURCEBOX_TEST_NO_HYGIENE", None)
-    if not protected:
-        os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = "1"
-    try:
-        with runner.Worker(model="tiny-gpt2", policy=str(policy), confine="required") as worker:
-            attacker = Client(project, "attacker", worker.socket_path, str(policy))
-            victim = Client(project, "victim", worker.socket_path, str(policy))
-            try:
-                yield Session(worker, attacker, victim, protected)
-            finally:
-                attacker.close()
-                victim.close()
-    finally:
-        os.environ.pop("SOURCEBOX_TEST_NO_HYGIENE", None)
-        if saved is not None:
-            os.environ["SOURCEBOX_TEST_NO_HYGIENE"] = saved
+    with environment(SOURCEBOX_TEST_NO_HYGIENE=None if protected else "1"), \
+            runner.Worker(model="tiny-gpt2", policy=str(policy), confine="required") as worker:
+        attacker = Client(project, "attacker", worker.socket_path, str(policy))
+        victim = Client(project, "victim", worker.socket_path, str(policy))
+        try:
+            yield Session(worker, attacker, victim, protected)
+        finally:
+            attacker.close()
+            victim.close()
 
 
 def test_normal_calls_and_traces_do_not_retire_the_worker(session):
