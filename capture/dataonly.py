@@ -41,6 +41,7 @@ from typing import Any
 from . import format as fmt
 from .decoder import Decoder
 from .errors import BundleError
+from .source import in_site_packages
 
 #: The node kinds a data-only decode rebuilds; every other tag is refused by path.
 DATA_TAGS = frozenset({
@@ -482,8 +483,7 @@ def _users_own(cls: type) -> bool:
     if not isinstance(file, str):
         return False  # built-in or namespace-less: the interpreter's own
     path = os.path.realpath(file)
-    parts = path.split(os.sep)
-    return "site-packages" not in parts and "dist-packages" not in parts and not path.startswith(_INSTALL_ROOTS)
+    return not in_site_packages(path) and not path.startswith(_INSTALL_ROOTS)
 
 
 def _finalizer(cls: type) -> str | None:

@@ -22,7 +22,7 @@ from .destination import DEFAULT, walk_qualname
 from .errors import CaptureError
 from .source import (
     Segment, SourceUnavailable, class_segment, class_statement_code, defined_by_class_statement,
-    function_segment, global_names, relative_imports,
+    function_segment, global_names, in_site_packages, relative_imports,
 )
 
 #: bytes values longer than this travel as frames, outside the msgpack body.
@@ -912,9 +912,7 @@ def _installed_package(dotted: str) -> str | None:
     user's own code: such code is not the user's to send."""
     top = dotted.partition(".")[0]
     module = sys.modules.get(top)
-    file = getattr(module, "__file__", None) or ""
-    parts = file.replace("\\", "/").split("/")
-    return top if "site-packages" in parts or "dist-packages" in parts else None
+    return top if in_site_packages(getattr(module, "__file__", None) or "") else None
 
 
 def _has_lone_surrogate(text: str) -> bool:

@@ -291,6 +291,14 @@ def class_statement_code(segment: Segment) -> types.CodeType:
     return compile_segment(segment, ())
 
 
+
+def in_site_packages(file: str) -> bool:
+    """Whether ``file`` belongs to an installed distribution (a site-packages or
+    dist-packages directory), rather than to the user's own code."""
+    parts = file.replace("\\", "/").split("/")
+    return "site-packages" in parts or "dist-packages" in parts
+
+
 # --- compiling on the receiving side ---
 
 @lru_cache(maxsize=4096)
