@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import builtins
 import contextlib
+import functools
 import io
 import os
 import re
@@ -45,6 +46,7 @@ class TraceRefused(RuntimeError):
 # --- client side ---------------------------------------------------------------------
 
 
+@functools.cache  # a WorkerBackend is made per trace; registering once is enough
 def _allow_trace_results() -> None:
     """The library record types a trace hands back may come back from the worker as plain
     data: nnsight's cache records (``tracer.cache()``) and transformers' key/value caches
