@@ -64,8 +64,89 @@ class _ModuleRecord:
     name: str
     file: str | None
     package: str | None
-    entries: dict[str, Any] = field(default_factory=dict)
-    full: bool = False
+    entries: dict[str, Any]  # a _Tables.dict(): rolled back with the rest
+
+
+_ABSENT = object()
+_set = dict.__setitem__
+
+
+class _LoggedDict(dict):
+    """A dict whose item assignments can be undone: each logs the key's previous value.
+    The other mutators are refused, so no write escapes the log."""
+
+    __slots__ = ("_log", "_number")
+
+    def __init__(self, log: list, number: int):
+        super().__init__()
+        self._log, self._number = log, number
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # The table by number: a log entry of atoms is one the garbage collector untracks.
+        self._log.append((self._number, key, self.get(key, _ABSENT)))
+        _set(self, key, value)
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("an encoder table changes only by item assignment (table[key] = value), "
+                        "which rollback can undo")
+
+    __delitem__ = pop = popitem = setdefault = update = clear = _refuse
+
+
+class _Tables:
+    """Everything one encode accumulates, able to go back to an earlier state.
+
+    Every attribute is a table of one of two kinds, and :meth:`checkpoint` refuses any
+    other, so a table added here cannot be left out of :meth:`rollback`:
+
+    - a ``list`` that only grows while encoding (rollback truncates it);
+    - a :meth:`dict` whose writes are logged (rollback restores each key's old value).
+    """
+
+    def __init__(self) -> None:
+        self._log: list[tuple] = []  # (dict number, key, previous value or _ABSENT)
+        self._dicts: list[_LoggedDict] = []
+        self.nodes: list[Any] = []
+        self.keepalive: list[Any] = []  # what memo ids and frames point at, alive until sent
+        self.frames: list[memoryview] = []
+        self.sources: list[dict] = []
+        self.modules: list[_ModuleRecord] = []
+        self.tensors: list[tuple[dict, Any]] = []  # (metadata, tensor), finalised in bundle()
+        self.memo: dict[int, fmt.Ref] = self.dict()  # id(obj) -> its node
+        self.source_index: dict[Segment, int] = self.dict()
+        self.module_index: dict[int, _ModuleRecord] = self.dict()  # id(namespace) -> record
+        self.shipped_whole: dict[int, bool] = self.dict()  # module record index -> True
+        self.storages: dict[tuple, int] = self.dict()  # (data_ptr, device, nbytes) -> frame
+        self.strings: dict[str, Any] = self.dict()  # text -> False (seen once) or its shared node
+
+    def dict(self) -> dict:
+        """A new table whose writes rollback undoes (module records' entries are such too)."""
+        table = _LoggedDict(self._log, len(self._dicts))
+        self._dicts.append(table)
+        return table
+
+    def checkpoint(self) -> tuple:
+        lengths = {}
+        for name, table in vars(self).items():
+            if name == "_log" or isinstance(table, _LoggedDict):
+                continue
+            if type(table) is not list:
+                raise TypeError(f"encoder table {name!r} is a {type(table).__name__}: make it a list that only "
+                                "grows or a _Tables.dict(), so that rollback can undo it")
+            lengths[name] = len(table)
+        return len(self._log), lengths
+
+    def rollback(self, mark: tuple) -> None:
+        """Forget everything encoded since ``mark`` (a value that turned out not to travel)."""
+        logged, lengths = mark
+        for number, key, previous in reversed(self._log[logged:]):
+            if previous is _ABSENT:
+                dict.__delitem__(self._dicts[number], key)
+            else:
+                _set(self._dicts[number], key, previous)
+        del self._log[logged:]
+        for name, length in lengths.items():
+            del getattr(self, name)[length:]
 
 
 def _refusal(obj: Any) -> tuple[str, str] | None:
@@ -121,30 +202,27 @@ def _refusal(obj: Any) -> tuple[str, str] | None:
 
 
 class Encoder:
+    """Encodes one object graph into one :class:`Bundle`.
+
+    Single-use: make one per bundle (``capture.encode`` does); its tables keep growing
+    until :meth:`bundle`, which hands them over. Not thread-safe: the tables are plain
+    mutable state, so one encoder belongs to one thread (separate encoders in separate
+    threads are fine).
+    """
+
     def __init__(self, destination: Any = None, persistent_id: Callable[[Any], str | None] | None = None,
                  known_sources: Container[str] = ()):
         self.dest = destination if destination is not None else DEFAULT
         self.known_sources = known_sources
         self.persistent_id = persistent_id
-        self.nodes: list[Any] = []
-        self.memo: dict[int, fmt.Ref] = {}
-        self.keepalive: list[Any] = []
-        self.frames: list[memoryview] = []
-        self.sources: list[dict] = []
-        self.source_index: dict[Segment, int] = {}
-        self.modules: list[_ModuleRecord] = []
-        self.module_index: dict[int, _ModuleRecord] = {}
-        self.storages: dict[tuple, int] = {}
-        self.tensors: list[tuple[dict, Any]] = []  # (metadata, tensor), finalised in bundle()
-        self.journal: list[tuple] = []
-        self.strings: dict[str, Any] = {}
+        self.tables = _Tables()
         self.depth = 0
 
     # --- entry points ---
 
     def bundle(self, root: Any) -> Bundle:
         self._compact_lone_views()
-        for meta, _ in self.tensors:
+        for meta, _ in self.tables.tensors:
             meta["node"][1] = [meta[name] for name in fmt.TENSOR_FIELDS]
         header = {
             "format": fmt.FORMAT_NAME,
@@ -152,21 +230,21 @@ class Encoder:
             "python": platform.python_version(),
             "policy": getattr(self.dest, "name", type(self.dest).__name__),
             "root": root,
-            "nodes": self.nodes,
-            "sources": self.sources,
+            "nodes": self.tables.nodes,
+            "sources": self.tables.sources,
             "modules": [
-                {"name": m.name, "file": m.file, "package": m.package, "globals": m.entries}
-                for m in self.modules
+                {"name": m.name, "file": m.file, "package": m.package, "globals": dict(m.entries)}
+                for m in self.tables.modules
             ],
-            "frames": fmt.frame_table(self.frames),
+            "frames": fmt.frame_table(self.tables.frames),
         }
-        return Bundle(fmt.pack_header(header), self.frames, self.keepalive,
-                      [entry["digest"] for entry in self.sources])
+        return Bundle(fmt.pack_header(header), self.tables.frames, self.tables.keepalive,
+                      [entry["digest"] for entry in self.tables.sources])
 
     def variables(self, mapping: dict[str, Any]) -> fmt.Ref:
         """A dict of named values whose error paths start at the names themselves."""
         ref = self._new_node(mapping, [fmt.DICT, None])
-        self.nodes[ref.index][1] = [[name, self.value(value, name)] for name, value in mapping.items()]
+        self.tables.nodes[ref.index][1] = [[name, self.value(value, name)] for name, value in mapping.items()]
         return ref
 
     # --- the dispatcher ---
@@ -181,13 +259,13 @@ class Encoder:
             return obj
         if kind is int:
             return obj if _INT_RANGE[0] <= obj <= _INT_RANGE[1] else self._new_node(obj, [fmt.BIGINT, str(obj)])
-        if kind is bytes:
-            if len(obj) <= BYTES_FRAME_THRESHOLD:
-                return obj
-            return self._new_node(obj, [fmt.BYTES_FRAME, self._frame(memoryview(obj), obj)])
-        ref = self.memo.get(id(obj))
+        if kind is bytes and len(obj) <= BYTES_FRAME_THRESHOLD:
+            return obj
+        ref = self.tables.memo.get(id(obj))
         if ref is not None:
             return ref
+        if kind is bytes:  # a large one leaves the msgpack body, once however often it recurs
+            return self._new_node(obj, [fmt.BYTES_FRAME, self._frame(memoryview(obj), obj)])
         if self.persistent_id is not None:
             token = self.persistent_id(obj)
             if token is not None:
@@ -205,22 +283,22 @@ class Encoder:
     def _dispatch(self, obj: Any, kind: type, path: str) -> Any:
         if kind is list:
             ref = self._new_node(obj, [fmt.LIST, None])
-            self.nodes[ref.index][1] = [self.value(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+            self.tables.nodes[ref.index][1] = [self.value(v, f"{path}[{i}]") for i, v in enumerate(obj)]
             return ref
         if kind is tuple:
             items = [self.value(v, f"{path}[{i}]") for i, v in enumerate(obj)]
             # A tuple reached again through a list inside it was encoded by that inner visit.
-            return self.memo.get(id(obj)) or self._new_node(obj, [fmt.TUPLE, items])
+            return self.tables.memo.get(id(obj)) or self._new_node(obj, [fmt.TUPLE, items])
         if kind is dict or kind is collections.OrderedDict:
             ref = self._new_node(obj, [fmt.DICT if kind is dict else fmt.ORDERED_DICT, None])
-            self.nodes[ref.index][1] = [
+            self.tables.nodes[ref.index][1] = [
                 [self.value(k, f"{path}.<key>"), self.value(v, f"{path}[{k!r}]")] for k, v in obj.items()
             ]
             return ref
         if kind in (set, frozenset):
             tag = fmt.SET if kind is set else fmt.FROZENSET
             ref = self._new_node(obj, [tag, None])
-            self.nodes[ref.index][1] = [self.value(v, f"{path}.<item>") for v in _stable_order(obj)]
+            self.tables.nodes[ref.index][1] = [self.value(v, f"{path}.<item>") for v in _stable_order(obj)]
             return ref
         if kind is bytearray:
             return self._new_node(obj, [fmt.BYTEARRAY, bytes(obj)])
@@ -243,7 +321,7 @@ class Encoder:
             return self._class(obj, path)
         if kind is types.MethodType:
             ref = self._new_node(obj, [fmt.BOUND_METHOD, None, None])
-            self.nodes[ref.index][1:] = [self.value(obj.__func__, f"{path}.__func__"),
+            self.tables.nodes[ref.index][1:] = [self.value(obj.__func__, f"{path}.__func__"),
                                          self.value(obj.__self__, f"{path}.__self__")]
             return ref
         if kind in (types.BuiltinFunctionType, types.MethodWrapperType, types.MethodDescriptorType,
@@ -252,15 +330,15 @@ class Encoder:
         if kind is functools._lru_cache_wrapper:
             params = obj.cache_parameters()
             ref = self._new_node(obj, [fmt.LRU_CACHE, None, params["maxsize"], params["typed"]])
-            self.nodes[ref.index][1] = self.value(obj.__wrapped__, f"{path}.__wrapped__")
+            self.tables.nodes[ref.index][1] = self.value(obj.__wrapped__, f"{path}.__wrapped__")
             return ref
         if kind in (staticmethod, classmethod):
             ref = self._new_node(obj, [fmt.WRAPPER, kind.__name__, None])
-            self.nodes[ref.index][2] = self.value(obj.__func__, f"{path}.__func__")
+            self.tables.nodes[ref.index][2] = self.value(obj.__func__, f"{path}.__func__")
             return ref
         if kind is property:
             ref = self._new_node(obj, [fmt.PROPERTY, None, None, None, None])
-            self.nodes[ref.index][1:] = [self.value(obj.fget, f"{path}.fget"), self.value(obj.fset, f"{path}.fset"),
+            self.tables.nodes[ref.index][1:] = [self.value(obj.fget, f"{path}.fget"), self.value(obj.fset, f"{path}.fset"),
                                          self.value(obj.fdel, f"{path}.fdel"), self.value(obj.__doc__, f"{path}.__doc__")]
             return ref
         return self._reduce(obj, path)
@@ -268,84 +346,55 @@ class Encoder:
     def _string(self, text: str) -> Any:
         """A string inline the first time; from its second use on, one node shared by
         reference (nn.Module state repeats the same dozen attribute names per module)."""
-        seen = self.strings.get(text)
+        seen = self.tables.strings.get(text)
         if seen is None:
-            self.strings[text] = False
-            self.journal.append(("string", text))
+            self.tables.strings[text] = False
             return text
         if seen is False:
-            seen = fmt.Ref(len(self.nodes))
-            self.nodes.append([fmt.STRING, text])
-            self.strings[text] = seen
-            self.journal.append(("shared string", text))
+            seen = fmt.Ref(len(self.tables.nodes))
+            self.tables.nodes.append([fmt.STRING, text])
+            self.tables.strings[text] = seen
         return seen
 
     # --- bookkeeping ---
 
     def _new_node(self, obj: Any, node: list) -> fmt.Ref:
-        ref = fmt.Ref(len(self.nodes))
-        self.nodes.append(node)
-        self.memo[id(obj)] = ref
-        self.keepalive.append(obj)
-        self.journal.append(("memo", id(obj)))
+        tables = self.tables
+        ref = fmt.Ref(len(tables.nodes))
+        tables.nodes.append(node)
+        tables.memo[id(obj)] = ref
+        tables.keepalive.append(obj)
         return ref
 
     def _frame(self, view: memoryview, owner: Any) -> int:
-        self.frames.append(view)
-        self.keepalive.append(owner)
-        return len(self.frames) - 1
+        self.tables.frames.append(view)
+        self.tables.keepalive.append(owner)
+        return len(self.tables.frames) - 1
 
     def _source(self, segment: Segment) -> int:
-        index = self.source_index.get(segment)
+        index = self.tables.source_index.get(segment)
         if index is None:
-            index = len(self.sources)
+            index = len(self.tables.sources)
             entry = {"file": segment.file, "line": segment.line, "col": segment.col, "kind": segment.kind,
                      "futures": list(segment.futures), "digest": segment.digest}
             if segment.kind == "lambda":
                 entry["end_col"] = segment.end_col
             if segment.digest not in self.known_sources:
                 entry["text"] = segment.text
-            self.sources.append(entry)
-            self.source_index[segment] = index
+            self.tables.sources.append(entry)
+            self.tables.source_index[segment] = index
         return index
-
-    def checkpoint(self) -> tuple:
-        return (len(self.nodes), len(self.frames), len(self.sources), len(self.modules),
-                len(self.journal), len(self.tensors))
-
-    def rollback(self, mark: tuple) -> None:
-        """Forget everything encoded since ``mark`` (a value that turned out not to travel)."""
-        nodes, frames, sources, modules, journal, tensors = mark
-        for entry in reversed(self.journal[journal:]):
-            if entry[0] == "memo":
-                self.memo.pop(entry[1], None)
-            elif entry[0] == "global":
-                entry[1].entries.pop(entry[2], None)
-            elif entry[0] == "module":
-                self.module_index.pop(entry[1], None)
-            elif entry[0] == "storage":
-                self.storages.pop(entry[1], None)
-            elif entry[0] == "string":
-                self.strings.pop(entry[1], None)
-            elif entry[0] == "shared string":  # its node is gone: back to "seen once"
-                self.strings[entry[1]] = False
-        for segment in list(self.source_index):
-            if self.source_index[segment] >= sources:
-                del self.source_index[segment]
-        del self.journal[journal:], self.nodes[nodes:], self.frames[frames:]
-        del self.sources[sources:], self.modules[modules:], self.tensors[tensors:]
 
     # --- modules and their namespaces ---
 
     def _record(self, namespace: dict, path: str) -> _ModuleRecord:
-        record = self.module_index.get(id(namespace))
+        record = self.tables.module_index.get(id(namespace))
         if record is None:
-            record = _ModuleRecord(len(self.modules), str(namespace.get("__name__", "__main__")),
-                                   namespace.get("__file__"), namespace.get("__package__"))
-            self.modules.append(record)
-            self.module_index[id(namespace)] = record
-            self.keepalive.append(namespace)
-            self.journal.append(("module", id(namespace)))
+            record = _ModuleRecord(len(self.tables.modules), str(namespace.get("__name__", "__main__")),
+                                   namespace.get("__file__"), namespace.get("__package__"), self.tables.dict())
+            self.tables.modules.append(record)
+            self.tables.module_index[id(namespace)] = record
+            self.tables.keepalive.append(namespace)
         return record
 
     def _need_globals(self, namespace: dict, names: dict[str, frozenset[tuple[str, ...]]], path: str) -> list[str]:
@@ -359,7 +408,7 @@ class Encoder:
             value = namespace[name]
             where = f"{record.name}.{name}"
             if name not in record.entries:
-                self._set_entry(record, name, None)  # claimed: recursion back to this name stops here
+                record.entries[name] = None  # claimed: recursion back to this name stops here
                 if isinstance(value, types.ModuleType) and not self._is_server_module(value):
                     record.entries[name] = self._module(value, where, full=False)
                 else:
@@ -389,9 +438,9 @@ class Encoder:
                 f"Use only modules the destination provides, or ask the server to install {name!r} "
                 "(and add it to your policy).")
         record = self._record(vars(module), path)
-        ref = self.memo.get(id(module)) or self._new_node(module, [fmt.MODULE, record.index])
-        if full and not record.full:
-            record.full = True
+        ref = self.tables.memo.get(id(module)) or self._new_node(module, [fmt.MODULE, record.index])
+        if full and record.index not in self.tables.shipped_whole:
+            self.tables.shipped_whole[record.index] = True
             try:
                 self._ship_whole_module(module, record, path)
             except CaptureError as exc:
@@ -421,28 +470,24 @@ class Encoder:
                 if value.__name__.startswith(module.__name__ + "."):  # a package ships its submodules whole
                     ref = self._module(value, f"{path}.{name}", full=True)
                     if name not in record.entries:
-                        self._set_entry(record, name, ref)
+                        record.entries[name] = ref
                 elif name not in record.entries:
                     self._placeholder(record, name, f"module {value.__name__!r}, which {module.__name__} imports, "
                                       f"is not on the destination ({self._dest_name()}) and was not shipped")
                 continue
             if name in record.entries:
                 continue
-            mark = self.checkpoint()
+            mark = self.tables.checkpoint()
             try:
                 self._need_globals(namespace, {name: frozenset()}, path)
             except CaptureError as exc:
-                self.rollback(mark)
+                self.tables.rollback(mark)
                 self._placeholder(record, name, str(exc))
 
     def _placeholder(self, record: _ModuleRecord, name: str, why: str) -> None:
-        ref = fmt.Ref(len(self.nodes))
-        self.nodes.append([fmt.UNAVAILABLE, f"{record.name}.{name}: {why}"])
-        self._set_entry(record, name, ref)
-
-    def _set_entry(self, record: _ModuleRecord, name: str, value: Any) -> None:
-        record.entries[name] = value
-        self.journal.append(("global", record, name))
+        ref = fmt.Ref(len(self.tables.nodes))
+        self.tables.nodes.append([fmt.UNAVAILABLE, f"{record.name}.{name}: {why}"])
+        record.entries[name] = ref
 
     def _dest_name(self) -> str:
         return getattr(self.dest, "name", "destination")
@@ -573,7 +618,7 @@ class Encoder:
                 if isinstance(value, types.ModuleType) and not self._is_server_module(value):
                     ref = self._module(value, f"{path}.<import {target}.{attr}>", full=True)
                     if attr not in record.entries:
-                        self._set_entry(record, attr, ref)
+                        record.entries[attr] = ref
                 elif attr != "*":
                     self._need_globals(vars(module), {attr: frozenset()}, f"{path}.<import {target}>")
             modules[target] = self._module(module, f"{path}.<import {target}>", full="*" in names)
@@ -593,7 +638,7 @@ class Encoder:
         return None
 
     def _cell(self, cell: types.CellType, path: str) -> fmt.Ref:
-        ref = self.memo.get(id(cell))
+        ref = self.tables.memo.get(id(cell))
         if ref is not None:
             return ref
         ref = self._new_node(cell, [fmt.CELL])
@@ -601,7 +646,7 @@ class Encoder:
             contents = cell.cell_contents
         except ValueError:
             return ref  # an empty cell: the variable was not bound yet
-        self.nodes[ref.index].append(self.value(contents, path))
+        self.tables.nodes[ref.index].append(self.value(contents, path))
         return ref
 
     def _annotations(self, annotations: dict, path: str) -> Any:
@@ -610,11 +655,11 @@ class Encoder:
             return None
         result = {}
         for name, value in annotations.items():
-            mark = self.checkpoint()
+            mark = self.tables.checkpoint()
             try:
                 result[name] = self.value(value, f"{path}.__annotations__[{name!r}]")
             except CaptureError:
-                self.rollback(mark)
+                self.tables.rollback(mark)
                 result[name] = value if isinstance(value, str) else repr(value)
         return self._new_node(annotations, [fmt.DICT, [[k, v] for k, v in result.items()]])
 
@@ -778,22 +823,21 @@ class Encoder:
         }
         storage = tensor.untyped_storage()
         key = (storage.data_ptr(), storage.device.type, storage.nbytes())
-        meta["node"] = self.nodes[ref.index]
-        if key not in self.storages or storage.nbytes() == 0:
+        meta["node"] = self.tables.nodes[ref.index]
+        if key not in self.tables.storages or storage.nbytes() == 0:
             host, view = arrays.storage_view(tensor)
-            self.storages[key] = self._frame(view, host)
-            self.journal.append(("storage", key))
-        meta["storage"] = self.storages[key]
-        self.tensors.append((meta, tensor))
+            self.tables.storages[key] = self._frame(view, host)
+        meta["storage"] = self.tables.storages[key]
+        self.tables.tensors.append((meta, tensor))
         return ref
 
     def _compact_lone_views(self) -> None:
         """A small view that is the only user of a big storage ships just its elements."""
         users: dict[int, int] = {}
-        for meta, _ in self.tensors:
+        for meta, _ in self.tables.tensors:
             users[meta["storage"]] = users.get(meta["storage"], 0) + 1
-        for meta, tensor in self.tensors:
-            frame = self.frames[meta["storage"]]
+        for meta, tensor in self.tables.tensors:
+            frame = self.tables.frames[meta["storage"]]
             needed = tensor.numel() * tensor.element_size()
             if users[meta["storage"]] == 1 and needed * 2 <= frame.nbytes:
                 import torch
@@ -802,8 +846,8 @@ class Encoder:
                 # get storage of its own, or offset 0 would point at someone else's elements.
                 dense = tensor.detach().clone(memory_format=torch.contiguous_format)
                 host, view = arrays.storage_view(dense)
-                self.frames[meta["storage"]] = view
-                self.keepalive.append(host)
+                self.tables.frames[meta["storage"]] = view
+                self.tables.keepalive.append(host)
                 meta["stride"], meta["offset"] = list(dense.stride()), 0
 
     def _ndarray(self, array: Any, path: str) -> fmt.Ref:
@@ -850,7 +894,7 @@ class Encoder:
             if func is copyreg.__newobj_ex__:
                 cls, new_args, kwargs = args
             ref = self._new_node(obj, [fmt.OBJECT, None, None, None, None, None, None])
-            node = self.nodes[ref.index]
+            node = self.tables.nodes[ref.index]
             try:
                 node[1] = self.value(cls, f"{path}.__class__")
             except CaptureError as exc:
@@ -863,7 +907,7 @@ class Encoder:
         else:
             # REDUCE and OBJECT end alike: state, listitems, dictitems.
             ref = self._new_node(obj, [fmt.REDUCE, None, None, None, None, None])
-            node = self.nodes[ref.index]
+            node = self.tables.nodes[ref.index]
             node[1] = self.value(func, f"{path}.<reduce>")
             node[2] = self.value(tuple(args), f"{path}.<reduce args>")
         node[-3] = self._state(state, path)

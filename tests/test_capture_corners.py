@@ -110,3 +110,29 @@ def test_inspect_describes_a_bundle_sent_by_digest(tmp_path):
     shown = subprocess.run([sys.executable, "-m", "capture", "inspect", str(path)], capture_output=True, text=True,
                            cwd=REPO_ROOT, check=True).stdout
     assert f"sent by digest {known.pop()}" in shown
+
+
+def test_encoder_rollback_restores_every_table_and_refuses_an_unlisted_one():
+    # The encoder's tables roll back as one object (a placeholder for a name that cannot
+    # travel undoes what the attempt had encoded); a table it could not undo is refused.
+    from capture.encoder import _Tables
+
+    tables = _Tables()
+    tables.nodes.append("kept")
+    tables.memo[1] = "kept"
+    tables.strings["text"] = False
+    entries = tables.dict()
+    mark = tables.checkpoint()
+    tables.nodes.append("dropped")
+    tables.memo[1] = "overwritten"
+    tables.memo[2] = "added"
+    tables.strings["text"] = "shared"
+    entries["name"] = "added"
+    tables.rollback(mark)
+    assert tables.nodes == ["kept"]
+    assert dict(tables.memo) == {1: "kept"} and dict(tables.strings) == {"text": False} and not entries
+    with pytest.raises(TypeError, match="rollback can undo"):
+        tables.memo.pop(1)
+    tables.forgotten = set()
+    with pytest.raises(TypeError, match="encoder table 'forgotten' is a set"):
+        tables.checkpoint()

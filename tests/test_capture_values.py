@@ -170,6 +170,17 @@ def test_large_buffers_travel_as_frames_not_in_the_header(payload):
     assert not header_problems(bundle.header)
 
 
+@pytest.mark.parametrize("policy", [None, capture.DATA_ONLY], ids=["default", "data-only"])
+def test_a_large_bytes_value_shared_twice_travels_once_and_stays_one_object(policy):
+    # Regression: bytes over the frame threshold skipped the memo, so each reference
+    # shipped its own copy and the receiver got two distinct objects.
+    shared = b"a" * 100_000
+    data = capture.dumps([shared, shared, {"again": shared}])
+    assert len(data) < 2 * len(shared), f"the bundle holds more than one copy ({len(data)} bytes)"
+    first, second, third = capture.loads(data, policy=policy)
+    assert first == shared and first is second and second is third["again"]
+
+
 def test_deep_nesting_round_trips_or_is_refused_clearly():
     depth = 5000  # deeper than the default recursion limit
     try:
