@@ -17,16 +17,18 @@ import stat
 import threading
 import tokenize
 import types
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Iterator
+from functools import lru_cache, wraps
+from typing import Callable, Iterator, TypeVar
 
 from .errors import BundleError
 
 CLOSURE_WRAPPER = "__sourcebox_closure__"
 CELL_HOLDER = "__sourcebox_cells__"
+_T = TypeVar("_T")
 _FUTURE_FLAGS = {name: getattr(__future__, name).compiler_flag for name in __future__.all_feature_names}
 
 
@@ -240,7 +242,29 @@ _NAME_OPS = {"LOAD_GLOBAL", "LOAD_NAME", "STORE_GLOBAL", "DELETE_GLOBAL"}
 _ATTR_OPS = {"LOAD_ATTR", "LOAD_METHOD"}
 
 
-@lru_cache(maxsize=8192)
+def _per_code_object(analyse: Callable[[types.CodeType], _T]) -> Callable[[types.CodeType], _T]:
+    """Cache ``analyse(code)`` for as long as ``code`` is alive, and no longer.
+
+    An ``lru_cache`` kept up to its size of code objects (each with its constants, nested
+    code and names) alive in a long-lived client after their functions were gone. CPython
+    code objects take weak references (3.10-3.13, tested), so the cache is keyed weakly:
+    an entry leaves with its code. Keys compare like code objects (by content), which is
+    sound here: the analysis reads only the content.
+    """
+    cache: weakref.WeakKeyDictionary[types.CodeType, _T] = weakref.WeakKeyDictionary()
+
+    @wraps(analyse)
+    def cached(code: types.CodeType) -> _T:
+        try:
+            return cache[code]
+        except KeyError:
+            result = cache[code] = analyse(code)
+            return result
+
+    return cached
+
+
+@_per_code_object
 def global_names(code: types.CodeType) -> dict[str, frozenset[tuple[str, ...]]]:
     """Global names ``code`` (and every code nested in it) reads or writes, each with the
     attribute chains read from it (``np.linalg.norm`` -> ``{'np': {('linalg', 'norm')}}``).
@@ -265,7 +289,7 @@ def global_names(code: types.CodeType) -> dict[str, frozenset[tuple[str, ...]]]:
     return {name: frozenset(chains) for name, chains in found.items()}
 
 
-@lru_cache(maxsize=8192)
+@_per_code_object
 def relative_imports(code: types.CodeType) -> tuple[tuple[int, str, tuple[str, ...]], ...]:
     """``from .x import y`` statements inside ``code``: (level, module, names)."""
     found = []

@@ -232,3 +232,25 @@ def test_function_travels(loaded, name):
 def test_loading_plain_functions_does_not_import_torch(loaded):
     assert "capture" in loaded.modules_in_child, "the loading process did not finish"
     assert "torch" not in loaded.modules_in_child
+
+
+def test_a_captured_function_does_not_keep_its_code_alive(tmp_path):
+    # The sending side caches the bytecode analysis per code object; a long-lived client
+    # must not keep the code of every function it ever sent (an lru_cache kept 8,192).
+    import gc
+    import importlib.util
+    import weakref
+
+    import capture
+    from capture.source import global_names
+
+    (tmp_path / "shortlived.py").write_text("import math\n\ndef area(r):\n    return math.pi * r * r\n")
+    spec = importlib.util.spec_from_file_location("shortlived", tmp_path / "shortlived.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert capture.loads(capture.dumps(module.area))(1.0) == module.area(1.0)
+    code = weakref.ref(module.area.__code__)
+    assert global_names(code()) is global_names(code()), "the analysis is cached while the code lives"
+    del module, spec
+    gc.collect()
+    assert code() is None, "the code object outlived its function: a cache still holds it"
