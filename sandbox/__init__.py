@@ -27,7 +27,8 @@ from .errors import (
     Refusal,
 )
 from .guard import ModuleFacade
-from .policy import Action, Decision, LogEntry, Policy, Rule, profiles
+from .policy import Policy, profiles
+from .rules import Action, Decision, LogEntry, Rule
 
 __all__ = [
     "Action",

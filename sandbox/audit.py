@@ -30,23 +30,10 @@ from typing import Any, Iterator, Mapping
 
 from .guard import Guard, caller_site
 from .paths import interpreter_roots, is_under
-from .policy import Action, Policy
+from .policy import Policy
+from .rules import Action, LogEntry
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-@dataclass(frozen=True)
-class Finding:
-    """Something the audited code touched that the server profile refuses."""
-
-    module: str
-    attribute: str | None
-    rule: str
-    where: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.module}.{self.attribute}" if self.attribute else self.module
 
 
 @dataclass
@@ -54,7 +41,8 @@ class AuditReport:
     """Filled in when the audit ends: refusals, project modules, counts."""
 
     profile: str
-    findings: list[Finding] = field(default_factory=list)
+    #: What the server profile refuses, with the rule that refuses it.
+    findings: list[LogEntry] = field(default_factory=list)
     travels: list[str] = field(default_factory=list)
     touched: int = 0
     error: str = ""
@@ -88,7 +76,7 @@ class _Auditor:
         self.guard = Guard(self.policy)
         self.roots = [*interpreter_roots(), _PACKAGE_DIR]
         self._project_files: dict[str, bool] = {}
-        self.builtin_findings: dict[str, Finding] = {}
+        self.builtin_findings: dict[str, LogEntry] = {}
 
     def is_project(self, namespace: Any) -> bool:
         if not isinstance(namespace, Mapping):
@@ -113,7 +101,7 @@ class _Auditor:
 
         def watched(*args: Any, **kwargs: Any) -> Any:
             if self.is_project(sys._getframe(1).f_globals) and name not in self.builtin_findings:
-                self.builtin_findings[name] = Finding("builtins", name, decision.describe(self.server.name), caller_site())
+                self.builtin_findings[name] = LogEntry("builtins", name, decision.describe(self.server.name), caller_site())
             return original(*args, **kwargs)
 
         watched.__name__ = watched.__qualname__ = name
@@ -132,7 +120,7 @@ class _Auditor:
             decision = self.server.decide(entry.module, entry.attribute)
             if not decision.action.permits:
                 report.findings.append(
-                    Finding(entry.module, entry.attribute, decision.describe(self.server.name), entry.where)
+                    LogEntry(entry.module, entry.attribute, decision.describe(self.server.name), entry.where)
                 )
         report.findings.extend(self.builtin_findings.values())
         report.travels = sorted(travels)

@@ -113,7 +113,8 @@ def _attempt(action) -> str:
 def _probe_child() -> None:
     """Runs in the child: enter best-effort, then test effects; JSON to stdout."""
     from .confine import enter
-    from .policy import Action, Policy
+    from .policy import Policy
+    from .rules import Action
 
     scratch, secret = sys.argv[1], sys.argv[2]
     report = enter(Policy("probe", default=Action.ALLOW), scratch=scratch, confine="best-effort")

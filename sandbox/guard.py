@@ -24,10 +24,13 @@ import os
 import sys
 import types
 from collections.abc import Mapping
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import AttributeViolation, BuiltinViolation, PolicyKill, PolicyViolation
-from .policy import Action, Decision, Policy
+from .rules import Action, Decision
+
+if TYPE_CHECKING:  # types only: a policy makes its guard, a guard asks its policy
+    from .policy import Policy
 
 _real_import = _builtins_module.__import__
 

@@ -18,10 +18,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import PolicyError
-from .policy import Action, Policy, Rule
+from .rules import Action, Rule
+
+if TYPE_CHECKING:  # types only: the policy module reads files through this one
+    from .policy import Policy
 
 try:
     import tomllib
@@ -38,8 +41,9 @@ _RULE_KEYS = {"action", "modules", "attributes", "submodules", "reason"}
 _loading: list[Path] = []
 
 
-def load_toml_policy(path: Path, load_spec: Callable[[Any], Policy]) -> Policy:
-    """Parse and validate the TOML policy at ``path``; ``load_spec`` loads ``extends``."""
+def read_toml_policy(path: Path, load_spec: Callable[[Any], Policy]) -> dict[str, Any]:
+    """Parse and validate the TOML policy at ``path``: the arguments of ``Policy(...)``.
+    ``load_spec`` loads the policy named by ``extends``."""
     if tomllib is None:
         raise PolicyError(
             f"reading the TOML policy {str(path)!r} needs Python 3.11+ or the 'tomli' package"
@@ -86,13 +90,13 @@ def load_toml_policy(path: Path, load_spec: Callable[[Any], Policy]) -> Policy:
             default = base.default
         if not description:
             description = f"{base.name} with local changes"
-    return Policy(
-        name,
-        rules,
-        default if default is not None else Action.DENY,
-        description=description,
-        source=str(path),
-    )
+    return {
+        "name": name,
+        "rules": rules,
+        "default": default if default is not None else Action.DENY,
+        "description": description,
+        "source": str(path),
+    }
 
 
 def _parse_rule(raw: Any, origin: str, where: str, python_version: str | None) -> Rule:

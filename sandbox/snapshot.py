@@ -11,6 +11,8 @@ Two sources:
   environment's own install of it when present, else (2) a table of known
   distributions whose import names differ from their names, else (3) the
   normalised distribution name. The snapshot records which way each was mapped.
+
+:func:`read_snapshot` reads one back as a policy's rules (``Policy.from_environment``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ from __future__ import annotations
 import datetime as _datetime
 import importlib.metadata
 import json
+import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from .errors import PolicyError
+from .rules import STDLIB_TOKEN, Action, Rule, terminal_rules
 
 # Distributions whose import names are not their normalised names (or that
 # install no importable module: an empty list), from the projects' own layouts. Namespace packages are listed by
@@ -131,3 +138,66 @@ def snapshot_from_pip_report(
         },
         "distributions": dict(sorted(distributions.items())),
     }
+
+
+def read_snapshot(snapshot: "Mapping[str, Any] | str | os.PathLike[str]") -> dict[str, Any]:
+    """The arguments of ``Policy(...)`` for an environment snapshot (a mapping or the
+    path of a JSON file): the stdlib of its Python version plus its packages, the rest
+    denied. Raises :class:`~sandbox.PolicyError` naming what is wrong with it."""
+    source = ""
+    if isinstance(snapshot, (str, os.PathLike)):
+        path = Path(snapshot)
+        source = str(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PolicyError(f"environment snapshot {source!r} does not exist") from None
+        except json.JSONDecodeError as error:
+            raise PolicyError(f"environment snapshot {source!r} is not valid JSON: {error}") from None
+        default_name = path.stem
+    elif isinstance(snapshot, Mapping):
+        data = snapshot
+        default_name = "environment"
+    else:
+        raise PolicyError(
+            f"an environment snapshot is a mapping or a JSON file path, got {type(snapshot).__name__}"
+        )
+    where = f"environment snapshot {source!r}" if source else "environment snapshot"
+    if not isinstance(data, Mapping):
+        raise PolicyError(f"{where}: the top level must be an object with python_version and packages")
+    missing = [key for key in ("python_version", "packages") if key not in data]
+    if missing:
+        raise PolicyError(
+            f"{where}: missing {', '.join(missing)}; expected "
+            f'{{"python_version": "3.12", "packages": ["torch", "numpy", ...]}}'
+        )
+    packages = data["packages"]
+    if not isinstance(packages, (list, tuple)) or not all(isinstance(p, str) for p in packages):
+        raise PolicyError(f"{where}: 'packages' must be a list of import names (strings)")
+    packages = sorted(set(packages))
+    name = data.get("name") or default_name
+    origin = f"{Path(source).name}" if source else "snapshot"
+    version = str(data["python_version"])
+    rules = [
+        *terminal_rules(origin="sandbox built-in"),
+        Rule.make(
+            Action.ALLOW,
+            STDLIB_TOKEN,
+            reason=f"the standard library of Python {version}",
+            origin=origin,
+            python_version=version,
+        ),
+    ]
+    if packages:
+        rules.append(
+            Rule.make(
+                Action.ALLOW,
+                packages,
+                reason="installed in the snapshot's environment",
+                origin=origin,
+            )
+        )
+    description = data.get("description") or (
+        f"the environment of a Python {version} install with {len(packages)} importable packages"
+    )
+    return {"name": name, "rules": rules, "default": Action.DENY, "description": description, "source": source}
