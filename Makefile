@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sourcebox-installed
 
-.PHONY: run test bench bench-quick fuzz soak clean venv
+.PHONY: run lint test bench bench-quick fuzz soak clean venv
 
 venv: $(STAMP)
 
@@ -20,7 +20,11 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(PY) examples/run_example.py
 
-test: $(STAMP)
+# The rule set and why: pyproject.toml, [tool.ruff].
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
 	$(PY) -m benchmarks --quick --out $(VENV)/bench-smoke
 

@@ -207,7 +207,7 @@ def _summarize(rows: dict, procs: list, requests: int, kills: bool, seconds: flo
             lost += requests - len(set(numbers))
             if procs[client_id].returncode != 0:
                 crashed_clients.append(client_id)
-        for number, kind, outcome, attempts, latency in answers:
+        for _number, kind, outcome, attempts, latency in answers:
             wrong += outcome == "wrong"
             lost += outcome == "killed"  # killed on both attempts
             killed_attempts += attempts - 1

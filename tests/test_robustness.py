@@ -204,7 +204,7 @@ def test_a_message_declaring_a_huge_size_gets_memory_only_for_the_bytes_sent(ser
     process = psutil.Process(server.pid)
     before = process.memory_info().rss
     conns = []
-    for n in range(3):
+    for _ in range(3):
         conn = raw_client(server)
         declared = (1 << 30) - 64
         header = msgpack.packb({"k": "request", "i": 1, "m": {}, "f": [[0, declared]]})
