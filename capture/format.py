@@ -1,6 +1,8 @@
 """The bundle format, in one place: container layout, header fields and node tags.
 
-docs/FORMAT.md is the prose version of this file; keep them in step.
+docs/FORMAT.md is the prose version of this file; tests/test_format_docs.py checks that
+they name the same tags and header keys, and tests/test_golden_bundles.py that bundles of
+FORMAT_VERSION written earlier still load (a change that breaks them bumps the version).
 
 A bundle is one msgpack map (the *header*) followed by raw *frames*::
 
