@@ -40,18 +40,28 @@ def interpreter_for(minor: str) -> Path | None:
 
 
 def venv_with_msgpack(interpreter: Path) -> Path:
-    """A venv of ``interpreter`` holding only msgpack (created on first use, then reused)."""
+    """A venv of ``interpreter`` holding only msgpack (created on first use, then reused).
+
+    The interpreter is there, so a venv that cannot be built fails the test: skipping
+    would turn the claim that bundles load on other Pythons into silence.
+    """
     venv = VENV_CACHE / interpreter.parents[1].name
     python = venv / "bin" / "python"
     if python.exists() and subprocess.run([str(python), "-c", "import msgpack"], capture_output=True).returncode == 0:
         return python
-    subprocess.run([str(interpreter), "-m", "venv", "--clear", str(venv)], check=True, capture_output=True, timeout=300)
-    installed = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "msgpack"],
-        capture_output=True, text=True, timeout=300, env=minimal_env(),
-    )
-    if installed.returncode != 0:
-        pytest.skip(f"could not install msgpack into {venv} (is the package index reachable?):\n{installed.stderr[-2000:]}")
+    steps = [([str(interpreter), "-m", "venv", "--clear", str(venv)], "creating the venv"),
+             ([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "msgpack"],
+              "installing msgpack into it (is the package index reachable?)")]
+    for command, what in steps:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=minimal_env())
+            failure = done.stderr[-2000:] if done.returncode != 0 else None
+        except (OSError, subprocess.TimeoutExpired) as error:
+            failure = str(error)
+        if failure is not None:
+            pytest.fail(f"{interpreter} is installed, but its test environment {venv} could not be built: "
+                        f"{what} failed.\n{failure}\nFix it, or build it by hand: {interpreter} -m venv {venv} && "
+                        f"{python} -m pip install msgpack", pytrace=False)
     return python
 
 
@@ -140,8 +150,10 @@ def bundles(tmp_path_factory):
 def loaded_elsewhere(request, bundles, tmp_path_factory):
     minor = request.param
     interpreter = interpreter_for(minor)
-    if interpreter is None:
-        pytest.skip(f"no Python {minor} found: looked for {pyenv_root() / 'versions' / (minor + '.*')}/bin/python3")
+    if interpreter is None:  # the only reason to skip: nothing to test on
+        pytest.skip(f"Python {minor} is not installed: no {pyenv_root() / 'versions' / (minor + '.*')}/bin/python3 "
+                    f"(pyenv {'is' if shutil.which('pyenv') else 'is not'} on PATH); `pyenv install {minor}` "
+                    "enables this check")
     python = venv_with_msgpack(interpreter)
     made, capture_only = bundles
     return ship_and_load(cases, None, tmp_path_factory.mktemp(f"load-{minor}"), python=str(python),
