@@ -96,7 +96,8 @@ class WorkerBackend:
             ]
             if not frames:
                 raise
-            raise _at_user_lines(error, frames)
+            # The same exception, re-raised with the user's frames: no new cause to chain.
+            raise _at_user_lines(error, frames)  # noqa: B904
         bind_result(tracer, result)
 
 

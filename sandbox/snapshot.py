@@ -8,7 +8,8 @@ Two sources:
 * :func:`snapshot_from_pip_report` describes an install that is not on this
   machine, from ``pip install --dry-run --report`` output. A report names
   distributions, not import names, so each distribution is mapped by (1) this
-  environment's own install of it when present, else (2) a table of known
+  environment's own install of it when present (unless the install shows only
+  a namespace the table names subpackages of), else (2) a table of known
   distributions whose import names differ from their names, else (3) the
   normalised distribution name. The snapshot records which way each was mapped.
 
@@ -102,6 +103,14 @@ def environment_snapshot(name: str | None = None) -> dict[str, Any]:
     }
 
 
+def _finer(known: list[str] | None, installed: list[str]) -> bool:
+    """Whether the table names subpackages of what the install shows (protobuf installs
+    into the shared ``google`` namespace; granting ``google`` would grant every owner's)."""
+    return bool(known) and set(known) != set(installed) and all(
+        any(name.startswith(top + ".") for top in installed) for name in known
+    )
+
+
 def snapshot_from_pip_report(
     report_path: str | Path, *, python_version: str, name: str, command: str
 ) -> dict[str, Any]:
@@ -112,7 +121,7 @@ def snapshot_from_pip_report(
     for item in report.get("install", []):
         metadata = item["metadata"]
         distribution = normalise(metadata["name"])
-        if distribution in installed:
+        if distribution in installed and not _finer(KNOWN_IMPORT_NAMES.get(distribution), installed[distribution]):
             modules, source = installed[distribution], "installed here"
         elif distribution in KNOWN_IMPORT_NAMES:
             modules, source = KNOWN_IMPORT_NAMES[distribution], "known-names table"
