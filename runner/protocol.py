@@ -49,6 +49,53 @@ _PREFIX = struct.Struct("<4sIQ")
 
 INLINE, SHARED = 0, 1
 
+# -- message kinds ------------------------------------------------------------------------
+# The wire strings never change meaning within a protocol version; code names them by
+# these constants only, and every receiver checks a kind against ``ROUTES``.
+HELLO, WELCOME, AUTH, OWNER = "hello", "welcome", "auth", "owner"
+REQUEST, REPLY, MISS, ERROR = "request", "reply", "miss", "error"
+PING, PONG, STATUS, WAIT_READY, READY = "ping", "pong", "status", "wait_ready", "ready"
+STOP, STOPPING, FAILED, STATS = "stop", "stopping", "failed", "stats"
+
+# The four ends of the two links: client <-> server (the supervisor's socket) and
+# supervisor <-> worker (the worker's private channel).
+CLIENT, SERVER, SUPERVISOR, WORKER = "client", "server", "supervisor", "worker"
+
+#: Who sends what to whom, and which kinds answer it (same id; empty: no answer, or the
+#: message is itself an answer). Id 0 is the connection itself: an ``error`` with id 0
+#: from the server says why it refuses or drops the connection.
+ROUTES: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
+    (CLIENT, SERVER): {
+        HELLO: (WELCOME, ERROR),          # first message: the client's nonce
+        AUTH: (OWNER, ERROR),             # the client's proof that it holds the secret
+        REQUEST: (REPLY, MISS, ERROR),    # a bundle for a handler kind
+        PING: (PONG,),
+        STATUS: (STATUS,),
+        WAIT_READY: (READY, ERROR),       # answered once the worker has started (or failed to)
+        STOP: (STOPPING, ERROR),          # from the owner only
+    },
+    (SERVER, CLIENT): {kind: () for kind in (WELCOME, OWNER, REPLY, MISS, ERROR, PONG, STATUS, READY, STOPPING)},
+    (SUPERVISOR, WORKER): {
+        REQUEST: (REPLY, MISS, ERROR),
+        PING: (PONG,),
+        STOP: (),                         # the worker ends
+    },
+    # READY or FAILED answer the worker's start; STATS (CUDA memory) come unasked.
+    (WORKER, SUPERVISOR): {kind: () for kind in (READY, FAILED, STATS, REPLY, MISS, ERROR, PONG)},
+}
+#: What the worker sends once when it has started, or could not.
+STARTED = (READY, FAILED)
+
+
+def kinds(sender: str, receiver: str) -> tuple[str, ...]:
+    """The kinds ``sender`` may send ``receiver``, in the table's order."""
+    return tuple(ROUTES[sender, receiver])
+
+
+def answers(sender: str, receiver: str, kind: str) -> tuple[str, ...]:
+    """The kinds that answer a ``kind`` message from ``sender`` to ``receiver``."""
+    return ROUTES[sender, receiver][kind]
+
 MAX_HEADER_BYTES = 16 << 20
 MAX_INLINE_BYTES = 1 << 30
 MAX_FRAMES = 1 << 16
