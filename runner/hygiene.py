@@ -43,6 +43,7 @@ import warnings
 from typing import Any
 
 from . import handlers
+from .nnsight_compat import torch_module
 
 #: TEST ONLY: ``SOURCEBOX_TEST_NO_HYGIENE=1`` makes the worker skip the scrub and every
 #: check, as before this module existed, so tests/test_isolation.py's controls can show
@@ -296,7 +297,7 @@ class Baseline:
     # -- the model ----------------------------------------------------------------------
     def _model_state(self, model: Any) -> dict | None:
         torch = self.torch
-        module = getattr(model, "_module", model)
+        module = torch_module(model)
         if torch is None or not isinstance(module, torch.nn.Module):
             return None
         nn_module = sys.modules["torch.nn.modules.module"]

@@ -24,6 +24,7 @@ import types
 from typing import Any
 
 from . import handlers
+from . import nnsight_compat as compat
 
 TRACE_REQUEST = "trace"
 
@@ -53,10 +54,9 @@ def _allow_trace_results() -> None:
     (in saved model outputs). Their state is written into them and none of their code
     runs (the client reads replies with ``capture.DATA_ONLY``)."""
     import capture
-    from nnsight.intervention import cache as nnsight_cache
     from transformers import cache_utils
 
-    records = [nnsight_cache.Cache, nnsight_cache.CacheView, nnsight_cache.Entry]
+    records = compat.cache_record_types()
     records += [value for value in vars(cache_utils).values()
                 if isinstance(value, type) and value.__module__ == cache_utils.__name__]
     capture.DATA_ONLY.allow(*records, own_methods=False)
@@ -147,21 +147,12 @@ def build_request(tracer: Any, policy: Any = None) -> dict:
 
 def bind_result(tracer: Any, result: dict) -> None:
     """Replay the block's output and bind its saved values in the caller's frame."""
-    from nnsight.intervention.cache import CacheView
-    from nnsight.tracing.tracer import mark
-    from nnsight.tracing.util import push
-
     sys.stdout.write(result["stdout"])
     sys.stderr.write(result["stderr"])
     saved = result["saved"]
     for value in saved.values():
-        if isinstance(value, CacheView):
-            # A cache travels without its model; navigation (cache.transformer.h[0])
-            # needs the envoy tree, which the client's model provides.
-            value._cache.model = tracer.envoy
-        # Marked so an enclosing trace keeps them, as nnsight's remote backend does.
-        mark(value)
-    push(tracer.info.frame, saved)
+        compat.attach_cache_model(value, tracer.envoy)  # a cache travels without its model
+    compat.bind_saved(tracer.info.frame, saved)
 
 
 class _Block:
@@ -173,11 +164,8 @@ class _Block:
         self.first, self.last = self.node.body[0].lineno, self.node.end_lineno
 
     def source(self) -> str:
-        # The text nnsight parsed the block from (it reads each file once), so the
-        # lines match the node's.
-        from nnsight.tracing.tracer import Tracer
-
-        return "".join(Tracer.source(self.file).splitlines(keepends=True)[self.first - 1:self.last])
+        # The text nnsight parsed the block from, so the lines match the node's.
+        return "".join(compat.traced_source(self.file).splitlines(keepends=True)[self.first - 1:self.last])
 
     def names_read(self) -> set[str]:
         """Names the block reads from its surroundings (loads, deletes, augmented targets)."""
@@ -273,18 +261,16 @@ def _client_tokens(model: Any, tracer: Any):
     import torch
     from nnsight.intervention.envoy import Envoy
 
-    envoys = model.interleaver.envoys
-
     def persistent_id(obj: Any) -> str | None:
         if obj is model:
             return _MODEL
         if obj is tracer:
             return _TRACER
         if isinstance(obj, Envoy):
-            return _ENVOY + obj.path if obj.interleaver is model.interleaver else None
+            return _ENVOY + obj.path if compat.same_model(obj, model) else None
         if isinstance(obj, torch.nn.Module):
-            envoy = envoys.get(id(obj))
-            return _MODULE + envoy.path if envoy is not None and envoy._module is obj else None
+            envoy = compat.envoy_of(model, obj)
+            return _MODULE + envoy.path if envoy is not None else None
         if obj is getattr(model, "tokenizer", None):
             return _TOKENIZER
         return None
@@ -331,8 +317,6 @@ def handle_trace(context: Any, request: dict) -> dict:
     ``{"saved": {name: value}, "stdout": str, "stderr": str}``.
     """
     import capture
-    from nnsight.tracing.tracer import Tracer
-    from nnsight.tracing.util import clean_traceback
 
     model = context.model
     _refuse_other_model(model, request["model"])
@@ -357,16 +341,16 @@ def handle_trace(context: Any, request: dict) -> dict:
             {**global_values, "__builtins__": policy_builtins},
             {**variables, "__builtins__": policy_builtins},
         )
-        tracer.info = Tracer.Info(frame, code)
+        compat.set_trace_frame(tracer, frame, code)
         with _captured_output() as (stdout, stderr):
             try:
                 tracer.__exit__(None, None, None)
             except Exception as error:
                 # The intervention-only traceback (the user's lines, not the model's
                 # forward that was running around them), as nnsight stashes it.
-                user_frames = getattr(error, "__intervention_tb__", None)
+                user_frames = compat.intervention_traceback(error)
                 if user_frames is not None:
-                    error.with_traceback(clean_traceback(user_frames))
+                    error.with_traceback(user_frames)
                 if stdout.getvalue() or stderr.getvalue():
                     error.add_note("the traced block printed, before failing:\n" + stdout.getvalue() + stderr.getvalue())
                 raise
@@ -393,16 +377,12 @@ def _compile_block(request: dict) -> types.CodeType:
     reset and given this request's text, from which a nested block (``tracer.invoke``)
     is read back. Tracebacks then show the user's own file, lines and text.
     """
-    from nnsight.tracing.globals import BLOCKS, SOURCES
-
     filename, first = request["file"], request["line"]
     # `if 1:` takes the line above the block (its `with` line), so the block keeps its
     # indentation and every statement its line number.
     padded = "\n" * (first - 2) + "if 1:\n" + request["source"]
     code = compile(padded, filename, "exec").replace(co_name=request["name"])
-    SOURCES.clear()
-    BLOCKS.clear()
-    SOURCES[filename] = padded
+    compat.reset_source_caches(filename, padded)
     # Into capture's sparse, bounded registry (dropped when the request ends), not a
     # padded copy of the file per block.
     from capture.source import Segment, register_lines
@@ -428,7 +408,7 @@ def _worker_objects(model: Any, tracer: Any):
             return tracer
         if token == _TOKENIZER:
             return model.tokenizer
-        for prefix, part in ((_ENVOY, lambda envoy: envoy), (_MODULE, lambda envoy: envoy._module)):
+        for prefix, part in ((_ENVOY, lambda envoy: envoy), (_MODULE, compat.envoy_module)):
             if token.startswith(prefix):
                 path = token[len(prefix):]
                 if path not in envoys:
@@ -453,7 +433,7 @@ handlers.register(TRACE_REQUEST, handle_trace)
 
 # Workers installed by `install`, innermost last; nnsight's own method while any is.
 _installed_workers: list = []
-_nnsight_remote_backend: list = []
+_nnsight_backends: list = []
 
 
 def install(worker: Any) -> None:
@@ -462,18 +442,16 @@ def install(worker: Any) -> None:
     Undone by `uninstall`; installs nest (a test can install its own worker inside a
     session that installed one). Other ``remote=`` values (NDIF, a host URL) are untouched.
     """
-    from nnsight.modeling.mixins.remotable import Remotable
-
     if not _installed_workers:
-        original = Remotable._remote_backend
+        def route_local(original):
+            def remote_backend(self, remote, blocking, job_id, verbose):
+                if remote == "local":
+                    return WorkerBackend(_installed_workers[-1])
+                return original(self, remote, blocking, job_id, verbose)
 
-        def remote_backend(self, remote, blocking, job_id, verbose):
-            if remote == "local":
-                return WorkerBackend(_installed_workers[-1])
-            return original(self, remote, blocking, job_id, verbose)
+            return remote_backend
 
-        _nnsight_remote_backend.append(original)
-        Remotable._remote_backend = remote_backend
+        _nnsight_backends.append(compat.replace_remote_backend(route_local))
     _installed_workers.append(worker)
 
 
@@ -482,13 +460,11 @@ def uninstall() -> None:
 
     A no-op when nothing is installed.
     """
-    from nnsight.modeling.mixins.remotable import Remotable
-
     if not _installed_workers:
         return
     _installed_workers.pop()
     if not _installed_workers:
-        Remotable._remote_backend = _nnsight_remote_backend.pop()
+        compat.restore_remote_backend(_nnsight_backends.pop())
 
 
 def installed_worker() -> Any:
