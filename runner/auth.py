@@ -25,6 +25,7 @@ import stat
 import struct
 
 from .errors import PeerAuthError, ProtocolError, RunnerError, rebuild
+from .protocol import AUTH, DEFAULT_SHM_THRESHOLD, ERROR, HELLO, OWNER, WELCOME, Connection
 
 SECRET_BYTES = 32
 NONCE_BYTES = 32
@@ -178,23 +179,44 @@ def client_handshake(conn, socket_path: str, secret: bytes | None) -> tuple[dict
     client holds the secret, then proving it back. Returns the welcome's metadata and
     whether the server took this client as its owner."""
     nonce = new_nonce()
-    conn.send("hello", 0, {"nonce": nonce})
+    conn.send(HELLO, 0, {"nonce": nonce})
     welcome = conn.recv()
     welcome.close()  # a welcome carries no descriptors; close any a rogue peer attached
-    if welcome.kind == "error" and isinstance(welcome.meta.get("error"), dict):
+    if welcome.kind == ERROR and isinstance(welcome.meta.get("error"), dict):
         refusal = rebuild(welcome.meta["error"])  # a server refusing us says why (busy, say)
         if isinstance(refusal, RunnerError):
             raise refusal
-    if welcome.kind != "welcome":
+    if welcome.kind != WELCOME:
         raise ProtocolError(f"expected a welcome from {socket_path}, got {welcome.kind!r}")
     if secret is None or _SKIP_PEER_CHECKS_FOR_TESTS:
         return welcome.meta, False
     server_nonce = check_server_proof(welcome.meta, conn.sock, socket_path, secret, nonce)
     server_pid = peer_credentials(conn.sock)[0]
-    conn.send("auth", 0, {"proof": proof(secret, b"client", nonce, server_nonce, server_pid, os.getpid())})
+    conn.send(AUTH, 0, {"proof": proof(secret, b"client", nonce, server_nonce, server_pid, os.getpid())})
     answer = conn.recv()
     answer.close()
-    if answer.kind != "owner":
+    if answer.kind != OWNER:
         raise PeerAuthError(f"the worker server at {socket_path} refused this client's proof of its secret: "
                             f"{answer.meta.get('error', {}).get('message', answer.kind)}")
     return welcome.meta, True
+
+
+def handshake(socket_path: str, secret: bytes | None = None, *, pool=None,
+              shm_threshold: int = DEFAULT_SHM_THRESHOLD,
+              timeout: float | None = None) -> tuple[Connection, dict, bool]:
+    """Connect to the server at ``socket_path`` and go through everything before the first
+    request: the peer check (``connect``), the protocol greeting, ``hello``/``welcome`` and,
+    holding ``secret`` (or able to read the one beside the socket), ``auth``. Returns the
+    connection, the welcome's metadata and whether the server took this client as its
+    owner. ``timeout`` bounds each wait on the socket, which keeps it; ``pool`` and
+    ``shm_threshold`` are the connection's (``protocol.Connection``)."""
+    sock, secret = connect(socket_path, secret)
+    try:
+        sock.settimeout(timeout)  # something listening there may not be a runner
+        conn = Connection(sock, pool=pool, shm_threshold=shm_threshold)
+        conn.greet(peer=f"the worker server at {socket_path}")
+        welcome, owner = client_handshake(conn, socket_path, secret)
+    except BaseException:
+        sock.close()
+        raise
+    return conn, welcome, owner

@@ -9,10 +9,9 @@ import sys
 import time
 
 from . import auth
+from .defaults import DEFAULT_POLICY
 from .errors import RunnerError
-from .protocol import DEFAULT_SHM_THRESHOLD, Connection
-
-DEFAULT_POLICY = "default"
+from .protocol import DEFAULT_SHM_THRESHOLD, ERROR, STATUS, STOP
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -92,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--isolate-clients", action="store_true",
                        help="a fresh worker whenever the next request is of another client than the last "
                             "(for mutually distrusting tenants; costs a worker start per switch)")
+    serve.add_argument("--verbose", action="store_true",
+                       help="log the worker's full sandbox report at each start, not only the one-line summary "
+                            "(the report is also in `python -m runner status`)")
     serve.add_argument("--test-only-trust-worker-channel", action="store_true", help=argparse.SUPPRESS)
     for name, text in (("status", "print a worker server's status"), ("stop", "stop a worker server")):
         command = commands.add_parser(name, help=text)
@@ -118,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
         owner_pid=args.owner, secret=secret, threads=args.threads, max_clients=args.max_clients,
         max_queued_bytes=args.max_queued_bytes, handshake_timeout=args.handshake_timeout,
         send_timeout=args.send_timeout, trust_worker_channel=args.test_only_trust_worker_channel,
-        isolate_clients=args.isolate_clients,
+        isolate_clients=args.isolate_clients, verbose=args.verbose,
     )
     return supervisor.serve()
 
@@ -128,16 +130,14 @@ def _ask(path: str, kind: str) -> dict:
     checked first, as ``runner.Worker`` checks it (its secret file, else uid and directory)."""
     path = os.path.abspath(path)
     try:
-        sock, secret = auth.connect(path)
+        conn, _, _ = auth.handshake(path)
     except (ConnectionRefusedError, FileNotFoundError) as exc:
         raise SystemExit(f"no worker server at {path}: {exc}") from None
-    conn = Connection(sock)
     try:
-        conn.greet(peer=f"the worker server at {path}")
-        auth.client_handshake(conn, path, secret)
         conn.send(kind, 1)
         answer = conn.recv()
-        if answer.kind == "error":
+        answer.close()
+        if answer.kind == ERROR:
             error = answer.meta.get("error")
             raise RunnerError(error.get("message") if isinstance(error, dict) else f"{kind} was refused")
         return answer.meta
@@ -151,14 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "status":
-            status = _ask(args.socket, "status")
+            status = _ask(args.socket, STATUS)
             if args.json:
                 print(json.dumps(status, indent=2, default=str))
             else:
                 for key, value in status.items():
                     print(f"{key:>14}: {value}")
             return 0
-        _ask(args.socket, "stop")
+        _ask(args.socket, STOP)
         deadline = time.monotonic() + 60
         while os.path.exists(args.socket) and time.monotonic() < deadline:
             time.sleep(0.05)

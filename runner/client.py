@@ -13,11 +13,7 @@ import collections
 import concurrent.futures
 import itertools
 import os
-import shutil
-import socket as socket_module
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -28,15 +24,15 @@ import capture
 import msgpack
 import sandbox
 
-from . import auth, errors, shm
-from .errors import ProtocolError, WorkerCrashed, WorkerStartError, describe_exit, rebuild
+from . import errors, shm
+from .defaults import DEFAULT_POLICY, check_seconds
+from .errors import WorkerCrashed, rebuild
 from .handlers import MODEL, MODEL_TOKEN
-from .protocol import DEFAULT_SHM_THRESHOLD, Connection, SharedRef
-from .cli import DEFAULT_POLICY
-from .supervisor import PACKAGE_ROOT, check_seconds
-
-_OUTPUT_TAIL_LINES = 30
-_HANDSHAKE_SECONDS = 30.0
+from .owned_server import OwnedServer, listening
+from .protocol import (CLIENT, DEFAULT_SHM_THRESHOLD, ERROR, MISS, PING, REPLY, REQUEST, SERVER, STATUS, STOP,
+                       WAIT_READY, SharedRef, answers)
+from .server_connection import ServerConnection
+from .source_memory import SourceMemory
 # How long a Worker connected to someone else's server waits for it to come back.
 DEFAULT_RECONNECT_SECONDS = 30.0
 
@@ -94,8 +90,6 @@ class _Pending:
     encode: Callable[[Container[str]], capture.Bundle] | None = None
     source_digests: tuple = ()         # every source segment the request names
     resent: bool = False               # sent again with all its text after a miss
-    lease: shm.Buffer | None = None    # our memfd holding its large frames
-    answered: bool = False             # its reply (or error, or miss) has been read
     raw_reply: bool = False            # run_bytes: hand back the outcome bytes
 
 
@@ -120,6 +114,11 @@ class Worker:
     ``WorkerCrashed`` and the next call recovers: a server this ``Worker`` started is
     started again (with a new secret); someone else's is reconnected to, waiting for it
     to come back for up to ``reconnect`` seconds.
+
+    It composes the pieces of the client side: the server it started
+    (``owned_server.OwnedServer``), its connection (``server_connection.ServerConnection``,
+    with its ``leases.LeaseTable``) and what it believes the worker holds of its source
+    (``source_memory.SourceMemory``).
     """
 
     def __init__(self, model: str = "tiny-gpt2", policy: Any = None, socket: str | None = None,
@@ -131,113 +130,44 @@ class Worker:
         self.shm_threshold = shm_threshold
         self.reconnect = reconnect
         self.timeout = None if timeout is None else check_seconds(timeout, "timeout")
-        self._server: subprocess.Popen | None = None
-        self._server_output: collections.deque = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
-        self._own_dir: str | None = None
-        self._secret: bytes | None = None   # of the server this Worker started
+        self._server: OwnedServer | None = None
+        self._link: ServerConnection | None = None
         #: Whether the server took this client as its owner (it proved the secret).
         self.owner = False
         self._recovering = threading.Lock()
-        self._pending: dict[int, _Pending] = {}
-        # Source digests the worker's store held after our last replies from it, and
-        # the id of that store (a restarted worker has a new, empty one).
-        self._known: set[str] = set()
-        self._store_id: str | None = None
+        self._known = SourceMemory()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._closed = False
-        self._lost: str | None = None
         #: Bytes of request frames (bundle headers and tensor frames) this client has sent.
         self.bytes_sent = 0
         self._requests = self._resends = 0
         _open_workers.add(self)
-        if socket is not None and _listening(socket):
-            self.socket_path = os.path.abspath(socket)
-        else:
-            if socket is None:
-                self._own_dir = tempfile.mkdtemp(prefix="sourcebox-")
-                socket = os.path.join(self._own_dir, "worker.sock")
-            self.socket_path = os.path.abspath(socket)
-            self._start_args = (model, policy, device, timeout, memory_limit, confine, shm_threshold,
-                                start_timeout, handlers, threads, isolate_clients)
-            self._start_server(*self._start_args)
+        self.socket_path = os.path.abspath(socket) if socket is not None else None
         self.policy = None
         try:
+            if socket is None or not listening(socket):
+                self._server = OwnedServer(socket, _server_options(
+                    model, policy, device, timeout, memory_limit, confine, shm_threshold, start_timeout,
+                    handlers, threads, isolate_clients))
+                self.socket_path = self._server.socket_path
             self._connect()
-            self.info = self._control("wait_ready")
+            self.info = self._control(WAIT_READY)
             # What the worker can import decides what travels as source: its policy.
             self.policy = _load_policy(policy if policy is not None else self.info.get("policy"))
         except BaseException:
             self.close()
             raise
 
-    # -- set-up ------------------------------------------------------------------------
-    def _start_server(self, model, policy, device, timeout, memory_limit, confine, shm_threshold,
-                      start_timeout, handlers, threads, isolate_clients) -> None:
-        argv = [sys.executable, "-m", "runner", "serve", "--socket", self.socket_path, "--model", model,
-                "--device", device, "--confine", confine, "--shm-threshold", str(shm_threshold),
-                "--owner", str(os.getpid()), "--start-timeout", str(start_timeout)]
-        if isolate_clients:
-            argv.append("--isolate-clients")
-        if policy is not None:
-            argv += ["--policy", os.fspath(policy)]
-        if timeout is not None:
-            argv += ["--timeout", str(timeout)]
-        if memory_limit is not None:
-            argv += ["--memory-limit", str(memory_limit)]
-        if handlers:
-            argv += ["--handlers", ",".join(handlers)]
-        if threads is not None:
-            argv += ["--threads", str(threads)]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), PACKAGE_ROOT]))
-        # The secret travels through a pipe the server reads once: not in argv or the
-        # environment, where other processes could read it.
-        self._secret = auth.new_secret()
-        secret_in, secret_out = os.pipe()
-        try:
-            os.write(secret_out, self._secret)
-            os.close(secret_out)
-            argv += ["--secret-fd", str(secret_in)]
-            self._server = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.PIPE, pass_fds=(secret_in,))
-        finally:
-            os.close(secret_in)
-        self._server_pump = threading.Thread(target=self._pump_server_output, daemon=True, name="server-output")
-        self._server_pump.start()
-        deadline = time.monotonic() + 60
-        while not _listening(self.socket_path):
-            if self._server.poll() is not None or time.monotonic() > deadline:
-                self._server.kill()
-                self._server.wait()
-                time.sleep(0.1)  # let the output pump catch the last lines
-                raise WorkerStartError(
-                    f"the worker server for {self.socket_path} exited before listening "
-                    f"({describe_exit(self._server.returncode)}):\n" + "".join(self._server_output))
-            time.sleep(0.02)
-
-    def _pump_server_output(self) -> None:
-        for raw in iter(self._server.stderr.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            self._server_output.append(line)
-            try:
-                sys.stderr.write(line)
-            except (OSError, ValueError):
-                pass  # our own stderr is gone (interpreter shutdown); keep the tail
-
     def _connect(self) -> None:
         # The server is checked before anything is sent (auth.py): by its secret, or by uid
         # and directory where this client holds none.
-        sock, secret = auth.connect(self.socket_path, self._secret)
-        sock.settimeout(_HANDSHAKE_SECONDS)  # something listening there may not be a runner
-        self._pool = shm.BufferPool()
-        self._conn = Connection(sock, pool=self._pool, shm_threshold=self.shm_threshold)
-        self._conn.greet(peer=f"the worker server at {self.socket_path}")
-        welcome, self.owner = auth.client_handshake(self._conn, self.socket_path, secret)
-        self.server_pid = welcome["server_pid"]
-        sock.settimeout(None)
-        self._reader = threading.Thread(target=self._read_replies, daemon=True, name="worker-replies")
-        self._reader.start()
+        self._known.forget()
+        self._link = ServerConnection(
+            self.socket_path, self._server.secret if self._server is not None else None,
+            shm_threshold=self.shm_threshold, on_answer=self._settle, on_lost=self._failure)
+        self.owner = self._link.owner
+        self.server_pid = self._link.server_pid
 
     # -- requests ----------------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
@@ -292,13 +222,17 @@ class Worker:
             # may change meanwhile: a digest sent alone that the worker lacks is a miss.
             self._encode(entry, self._known)
         request_id = next(self._ids)
+        link = self._usable_link()
+        link.expect(request_id, entry)
         with self._lock:
-            if self._closed or self._lost:
-                raise WorkerCrashed(self._lost or "this Worker is closed")
-            self._pending[request_id] = entry
             self._requests += 1
-        self._transmit(request_id, entry)
+        self._transmit(link, request_id, entry)
         return entry.future
+
+    def _usable_link(self) -> ServerConnection:
+        if self._closed:
+            raise WorkerCrashed("this Worker is closed")
+        return self._link
 
     @staticmethod
     def _encode(entry: _Pending, known: Container[str]) -> None:
@@ -306,23 +240,9 @@ class Worker:
         entry.frames = [bundle.header, *bundle.frames]
         entry.source_digests = tuple(bundle.source_digests)
 
-    def _transmit(self, request_id: int, entry: _Pending) -> None:
+    def _transmit(self, link: ServerConnection, request_id: int, entry: _Pending) -> None:
         frames = entry.frames
-        try:
-            lease = self._conn.send("request", request_id, entry.meta, frames)
-        except BaseException as exc:
-            with self._lock:
-                self._pending.pop(request_id, None)
-            if isinstance(exc, OSError):
-                raise self._send_failed(exc) from None
-            raise
-        if lease is not None:
-            # The reply may already have been read: then the buffer is free right away.
-            with self._lock:
-                answered = entry.answered
-                entry.lease = None if answered else lease
-            if answered:
-                self._pool.release(lease)
+        link.send(REQUEST, request_id, entry.meta, frames)
         with self._lock:
             self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
 
@@ -330,29 +250,14 @@ class Worker:
         self._recover_if_lost()
         entry = _Pending(concurrent.futures.Future(), {}, [])
         request_id = next(self._ids)
-        with self._lock:
-            if self._lost:
-                raise WorkerCrashed(self._lost)
-            self._pending[request_id] = entry
-        try:
-            self._conn.send(kind, request_id)
-        except OSError as exc:
-            with self._lock:
-                self._pending.pop(request_id, None)
-            raise self._send_failed(exc) from None
+        link = self._usable_link()
+        link.expect(request_id, entry)
+        link.send(kind, request_id)
         return entry.future.result()
-
-    def _send_failed(self, exc: OSError) -> WorkerCrashed:
-        """The error for a send the server did not take; the next call recovers (the
-        reader may not have seen the connection drop yet)."""
-        reason = f"lost the connection to the worker server at {self.socket_path}: {exc}"
-        with self._lock:
-            self._lost = self._lost or reason
-        return WorkerCrashed(reason)
 
     def status(self) -> dict:
         """The server's state: pids, model, device, policy, queue, restarts, memory..."""
-        return self._control("status")
+        return self._control(STATUS)
 
     def stats(self) -> dict:
         """This client's own counters: ``requests`` submitted, ``bytes_sent`` (request
@@ -366,56 +271,26 @@ class Worker:
     def ping(self) -> float:
         """Round-trip time to the server in seconds."""
         started = time.perf_counter()
-        self._control("ping")
+        self._control(PING)
         return time.perf_counter() - started
 
-    # -- replies -----------------------------------------------------------------------
-    def _read_replies(self) -> None:
-        try:
-            while True:
-                message = self._conn.recv()
-                with self._lock:
-                    entry = self._pending.pop(message.id, None)
-                try:
-                    if entry is None:
-                        # Id 0 is the connection itself; any other unknown id answers a
-                        # request already settled (or never made): nothing to do.
-                        if message.kind == "error" and message.id == 0:
-                            self._lost = str(rebuild(message.meta.get("error")))
-                        continue
-                    self._settle(message, entry)
-                except Exception as exc:  # a malformed answer fails its own request, not the reader
-                    if entry is not None and not entry.future.done():
-                        entry.future.set_exception(errors.ProtocolError(
-                            f"the worker server at {self.socket_path} sent an answer this client cannot "
-                            f"read: {exc!r}"))
-                finally:
-                    message.close()
-                    entry = None  # its future holds the result: no longer than the caller does
-        except (ProtocolError, OSError) as exc:
-            self._connection_lost(exc)
-
+    # -- answers (on the connection's reader thread) ------------------------------------
     def _settle(self, message, entry: _Pending) -> None:
-        with self._lock:
-            entry.answered = True
-            lease, entry.lease = entry.lease, None
-        if lease is not None:
-            self._pool.release(lease)
         kind, future = message.kind, entry.future
-        if kind in ("reply", "miss", "error"):  # answers to requests, which the worker stamps
-            self._note_store(message.meta.get("sources"))
-        if kind == "miss":
+        if kind in answers(CLIENT, SERVER, REQUEST):  # the worker stamps these with its store
+            self._known.note_store(message.meta.get("sources"))
+        if kind == MISS:
             self._miss(message, entry)
             return
-        if kind == "reply":
-            self._known.update(entry.source_digests)  # decoded there: its store has them now
+        if kind == REPLY:
+            self._known.held(entry.source_digests)  # decoded there: its store has them now
             try:
                 result = self._decode(message, entry)
             except BaseException as exc:
                 future.set_exception(exc)
             else:
                 future.set_result(result)
-        elif kind == "error":
+        elif kind == ERROR:
             info = message.meta.get("error", {})
             if entry.raw_reply:
                 future.set_result(msgpack.packb({"error": info}, use_bin_type=True))
@@ -436,19 +311,9 @@ class Worker:
         return capture.decode(views[0], views[1:], policy=capture.DATA_ONLY, persistent_load=_model_placeholder,
                               label="result")
 
-    def _note_store(self, sources: Any) -> None:
-        """Forget what a previous worker held once replies come from a new one (a
-        restart). Replies arrive in the order the worker served them, so an old store's
-        id never follows a new one's."""
-        store_id = sources.get("id") if isinstance(sources, dict) else None
-        if store_id is not None and store_id != self._store_id:
-            self._known.clear()
-            self._store_id = store_id
-
     def _miss(self, message, entry: _Pending) -> None:
         missing = message.meta.get("missing")
-        if isinstance(missing, list):
-            self._known.difference_update(m for m in missing if isinstance(m, str))
+        self._known.missing(missing)
         if entry.encode is None or entry.resent:
             # A resend carries every text of the request, so a second miss cannot be
             # cured by sending again: fail instead of looping.
@@ -461,87 +326,62 @@ class Worker:
                 f"(python -m runner stop {self.socket_path}) and run the same sourcebox release on both sides"))
             return
         entry.resent = True
+        link = self._link
+        try:
+            link.expect(message.id, entry)
+        except WorkerCrashed as exc:
+            entry.future.set_exception(exc)
+            return
         with self._lock:
-            entry.answered = False
-            self._pending[message.id] = entry
             self._resends += 1
         # Sending from this thread could wait on the server while nobody reads.
-        threading.Thread(target=self._resend, args=(message.id, entry), daemon=True, name="resend").start()
+        threading.Thread(target=self._resend, args=(link, message.id, entry), daemon=True, name="resend").start()
 
-    def _resend(self, request_id: int, entry: _Pending) -> None:
+    def _resend(self, link: ServerConnection, request_id: int, entry: _Pending) -> None:
         """Encode the request again with every source text (not only the missing ones,
         so texts evicted from the worker's store meanwhile cannot cause a second miss)."""
         try:
             self._encode(entry, ())
-            self._transmit(request_id, entry)
+            self._transmit(link, request_id, entry)
         except BaseException as exc:
-            with self._lock:
-                self._pending.pop(request_id, None)
             entry.future.set_exception(exc)
 
-    def _connection_lost(self, exc: BaseException) -> None:
-        reason = self._lost or f"lost the connection to the worker server at {self.socket_path}"
+    def _failure(self, reason: str) -> Callable[[], BaseException]:
+        """What the requests still waiting on a lost connection fail with."""
+        if self._closed:
+            return lambda: errors.WorkerStopped("the Worker was closed before this request finished")
         returncode = None
         if self._server is not None:
             try:
                 returncode = self._server.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        with self._lock:
-            self._lost = reason
-            pending, self._pending = list(self._pending.values()), {}
-        for entry in pending:
-            entry.future.set_exception(
-                errors.WorkerStopped("the Worker was closed before this request finished") if self._closed
-                else WorkerCrashed(reason, returncode, "".join(self._server_output).rstrip()))
+        tail = self._server.output_tail() if self._server is not None else ""
+        return lambda: WorkerCrashed(reason, returncode, tail)
 
     # -- recovery ----------------------------------------------------------------------
     def _recover_if_lost(self) -> None:
         """After the connection was lost: start a new server if this Worker started the
         last one, else reconnect to the socket once a server listens there again (for up
         to ``self.reconnect`` seconds). One thread recovers; the others wait for it."""
-        if not self._lost or self._closed:
+        if self._closed or self._link is None or not self._link.lost:
             return
         with self._recovering:
-            if not self._lost or self._closed:
+            if self._closed or not self._link.lost:
                 return
-            self._drop_connection()
+            self._link.close()
             try:
                 if self._server is not None:
-                    self._restart_server()
+                    self._server.restart()  # a new secret too
+                    self.socket_path = self._server.socket_path
+                    self._connect()
                 else:
                     self._reconnect()
-                self.info = self._control("wait_ready")
+                self.info = self._control(WAIT_READY)
             except BaseException:
-                if not self._lost:  # connected, but not ready: leave it for the next call
-                    self._lost = f"the worker server at {self.socket_path} did not become ready"
+                # Connected, but not ready: leave it for the next call.
+                self._link.mark_lost(f"the worker server at {self.socket_path} did not become ready")
                 raise
-
-    def _drop_connection(self) -> None:
-        """Let go of a lost connection and what belonged to it. Result tensors still
-        viewing the old worker's memory stay valid (mappings outlive their close)."""
-        self._conn.close()
-        if self._reader is not threading.current_thread():
-            self._reader.join(timeout=10)
-        self._pool.close()
-        self._known.clear()
-        self._store_id = None
-
-    def _restart_server(self) -> None:
-        server = self._server
-        if server.poll() is None:  # it dropped us but lives on: it is no longer ours to trust
-            server.kill()
-        server.wait()
-        self._server_pump.join(timeout=5)
-        server.stderr.close()
-        if self._own_dir is not None and not os.path.isdir(self._own_dir):
-            # The old server removed its directory on its way out: make a fresh one.
-            self._own_dir = tempfile.mkdtemp(prefix="sourcebox-")
-            self.socket_path = os.path.join(self._own_dir, "worker.sock")
-        self._server_output.clear()
-        self._start_server(*self._start_args)  # a new secret too
-        self._connect()
-        self._lost = None
 
     def _reconnect(self) -> None:
         deadline = time.monotonic() + self.reconnect
@@ -558,7 +398,6 @@ class Worker:
                         f"--socket {self.socket_path}) and call again") from None
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)
-        self._lost = None
 
     # -- lifetime ----------------------------------------------------------------------
     def close(self) -> None:
@@ -567,35 +406,19 @@ class Worker:
         if self._closed:
             return
         self._closed = True
-        conn = getattr(self, "_conn", None)
-        if self._server is not None and conn is not None and self.owner and self._server.poll() is None:
+        link, server = self._link, self._server
+        if server is not None and link is not None and link.owner and server.alive():
             try:
-                conn.send("stop", 0)
-                self._server.wait(timeout=30)
+                link.post(STOP)
+                server.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        if conn is not None:
-            conn.close()
-        # No thread of ours may outlive close(): one still alive while the interpreter
-        # exits made torch's C++ teardown abort the process ("terminate called without an
-        # active exception") in about one client exit in fifteen.
-        reader = getattr(self, "_reader", None)
-        if reader is not None and reader is not threading.current_thread():
-            reader.join(timeout=10)
-        if self._server is not None:
-            if self._server.poll() is None:
-                self._server.kill()
-            self._server.wait()
-            self._server_pump.join(timeout=5)
-            self._server.stderr.close()
-        if hasattr(self, "_pool"):
-            self._pool.close()
-        with self._lock:
-            pending, self._pending = list(self._pending.values()), {}
-        for entry in pending:
-            entry.future.set_exception(errors.WorkerStopped("the Worker was closed before this request finished"))
-        if self._own_dir is not None:
-            shutil.rmtree(self._own_dir, ignore_errors=True)
+        if link is not None:
+            link.close()
+        if server is not None:
+            server.close()
+        if link is not None:
+            link.fail_pending(lambda: errors.WorkerStopped("the Worker was closed before this request finished"))
 
     def __enter__(self) -> "Worker":
         return self
@@ -607,6 +430,26 @@ class Worker:
         return f"<runner.Worker {self.socket_path} server pid {getattr(self, 'server_pid', '?')}>"
 
 
+def _server_options(model, policy, device, timeout, memory_limit, confine, shm_threshold, start_timeout,
+                    handlers, threads, isolate_clients) -> list[str]:
+    """``python -m runner serve`` flags for a server a ``Worker`` starts."""
+    options = ["--model", model, "--device", device, "--confine", confine, "--shm-threshold", str(shm_threshold),
+               "--start-timeout", str(start_timeout)]
+    if isolate_clients:
+        options.append("--isolate-clients")
+    if policy is not None:
+        options += ["--policy", os.fspath(policy)]
+    if timeout is not None:
+        options += ["--timeout", str(timeout)]
+    if memory_limit is not None:
+        options += ["--memory-limit", str(memory_limit)]
+    if handlers:
+        options += ["--handlers", ",".join(handlers)]
+    if threads is not None:
+        options += ["--threads", str(threads)]
+    return options
+
+
 # Workers still open at interpreter exit are closed then, so any server they started
 # does not outlive the process.
 _open_workers: "weakref.WeakSet[Worker]" = weakref.WeakSet()
@@ -616,17 +459,6 @@ _open_workers: "weakref.WeakSet[Worker]" = weakref.WeakSet()
 def _close_open_workers() -> None:
     for worker in list(_open_workers):
         worker.close()
-
-
-def _listening(path: str) -> bool:
-    probe = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 @dataclass(eq=False)

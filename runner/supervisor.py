@@ -4,59 +4,46 @@ Clients connect to the supervisor, never to the worker. It owns the listening so
 and the request queue, so a worker crash loses nothing but the request that was
 running. It
 
-- starts the worker (``runner.worker``) over a private socket pair and waits for it to be
-  ready; restarts it when it dies, hangs (no answer to a ping), runs a request past its
-  time limit, or grows past the memory limit (RSS via psutil; CUDA memory as the worker
-  reports it);
+- runs the worker's life cycle (``runner.lifecycle``: start, health and memory checks,
+  restart, retirement);
 - queues requests per client and takes them round-robin across clients, one at a time;
 - forwards requests and replies (``miss`` answers too: repeated code is deduplicated
   between the client and the worker's source store). Large frames are not touched: their
   memfd descriptors pass through unmapped, and the supervisor closes its copies once
   answered (or when their sender or receiver is gone), so it holds no one's memory;
 - proves its secret to every client and takes ``stop`` only from its owner (``auth``);
-- trusts nothing on the worker's channel, where user code can write: each message must
-  arrive whole within ``_CHANNEL_READ_SECONDS`` and answer the request being run (its
-  random id, an answer's kind), or the worker is killed as compromised.
+- trusts nothing on the worker's channel, where user code can write (``runner.lifecycle``).
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import errno
-import glob
 import hmac
 import itertools
 import os
-import select
-import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 
 import msgpack
-import psutil
 
 from . import auth
 from . import errors
 from . import shm
-from .errors import BadMessage, ProtocolError, ProtocolVersionError, cut, describe_exit, failure
-from .protocol import (DEFAULT_SHM_THRESHOLD, GREETING_MAGIC, PROTOCOL_VERSION, Connection, ConnectionClosed, Message,
-                       SharedRef)
+from .defaults import check_seconds
+from .errors import BadMessage, ProtocolError, ProtocolVersionError, cut, failure
+from .lifecycle import (POLL_SECONDS, RESTART_ATTEMPTS, StartFailed, WorkerLifecycle, WorkerLost, set_send_timeout,
+                        sweep_orphan_scratch)
+from .protocol import (AUTH, CLIENT, DEFAULT_SHM_THRESHOLD, ERROR, GREETING_MAGIC, HELLO, OWNER, PING, PONG,
+                       PROTOCOL_VERSION, READY, REQUEST, SERVER, STATUS, STOP, STOPPING, WAIT_READY, WELCOME,
+                       Connection, ConnectionClosed, Message, SharedRef, kinds)
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# How often the scheduler wakes to check the worker's memory, deadline and health.
-_POLL_SECONDS = 0.05
-_PING_INTERVAL = 5.0
-_PING_TIMEOUT = 10.0
-_STOP_GRACE = 10.0
-_TAIL_LINES = 30
 # Limits (docs/RUNNER.md, "Limits"): what one request or one connection may hold of the
 # server, each checked before memory is given or a thread waits.
 DEFAULT_TIMEOUT = 600.0            # --timeout: the most a request may run; a client may ask less
@@ -67,16 +54,9 @@ DEFAULT_SEND_SECONDS = 30.0        # --send-timeout: a peer that does not read f
 MAX_QUEUED_FDS = 256               # descriptors queued per client (a request carries up to 8)
 MAX_OUTBOX_BYTES = 64 << 20        # replies waiting to go out to one client
 MAX_KIND_CHARS = 256               # a request kind's name
-MAX_LINE_CHARS = 4096              # one line of the worker's output, as logged and in tails
 _SLOT_WAIT = 0.5                   # a new connection at the cap waits this long for a slot
 _REFUSED_GRACE = 1.0               # a refused connection is held this long so it can read why
 _ACCEPT_BACKOFF = (0.05, 2.0)      # first and longest pause after a failed accept (EMFILE...)
-_RESTART_ATTEMPTS = 3
-# A message the worker has begun must be whole within this (1 GiB inline at 200 MB/s):
-# user code can write part of one on the channel and stop.
-_CHANNEL_READ_SECONDS = 5.0
-# What answers what on the worker's channel.
-_ANSWERS = {"request": ("reply", "error", "miss"), "ping": ("pong",), "start": ("ready", "failed")}
 
 
 class _Outbox:
@@ -145,7 +125,7 @@ class _Outbox:
                     self._conn.send(kind, request_id, meta, message.frames, message.fds)
             except (TypeError, ValueError, OverflowError) as exc:  # nothing went out: say why instead
                 try:
-                    self._conn.send("error", request_id, {"error": failure(errors.RUNNER, cut(
+                    self._conn.send(ERROR, request_id, {"error": failure(errors.RUNNER, cut(
                         f"the server could not send its {kind!r} answer: {type(exc).__name__}: {exc}"))})
                 except OSError:
                     self._fail("a send to it failed")
@@ -184,101 +164,6 @@ class ClientSession:
         self.outbox.post(kind, request_id, meta, message)
 
 
-@dataclass(eq=False)
-class WorkerHandle:
-    popen: subprocess.Popen
-    conn: Connection
-    scratch: str
-    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_TAIL_LINES))
-    info: dict = field(default_factory=dict)
-    pump: threading.Thread | None = None
-    gpu_bytes: int | None = None
-    last_ping: float = 0.0
-    watch: "_ChannelDeadline | None" = None
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def output_tail(self) -> str:
-        return "".join(self.tail).rstrip()
-
-
-class _WorkerLost(Exception):
-    """The worker died or was killed; ``category`` and ``reason`` say how. ``rerun``: the
-    request running then is not to blame and runs again, once, on the next worker."""
-
-    def __init__(self, category: str, reason: str, *, rerun: bool = False):
-        super().__init__(reason)
-        self.category = category
-        self.reason = reason
-        self.rerun = rerun
-
-
-class _ChannelDeadline:
-    """Bounds blocking reads of the worker's channel without touching how they read: past
-    the deadline the channel is shut down under the read, which then ends like a dead
-    worker's, and ``tripped`` says why. One thread per worker."""
-
-    def __init__(self, sock: socket.socket):
-        self._sock = sock
-        self._cond = threading.Condition()
-        self._deadline: float | None = None
-        self._closed = False
-        self.tripped = False
-        threading.Thread(target=self._run, daemon=True, name="channel-deadline").start()
-
-    @contextlib.contextmanager
-    def bound(self, seconds: float):
-        with self._cond:
-            self._deadline = time.monotonic() + seconds
-            self._cond.notify()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._deadline = None
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._closed:
-                if self._deadline is None:
-                    self._cond.wait()
-                elif time.monotonic() < self._deadline:
-                    self._cond.wait(self._deadline - time.monotonic())
-                else:
-                    self.tripped = True
-                    self._deadline = None
-                    try:
-                        self._sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
-
-class StartFailed(Exception):
-    """The worker could not start; the message holds its error and output."""
-
-
-#: Worker scratch directories are named after their server, so that a later server can
-#: remove those whose server was killed before it could (``kill -9``).
-_SCRATCH_PREFIX = "sourcebox-scratch-"
-
-
-def _sweep_orphan_scratch() -> list[str]:
-    removed = []
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), _SCRATCH_PREFIX + "*")):
-        owner = os.path.basename(path)[len(_SCRATCH_PREFIX):].partition("-")[0]
-        if owner.isdigit() and not shm.alive(int(owner)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
 class Supervisor:
     """Serve ``socket_path`` until stopped (``serve()`` returns the exit status)."""
 
@@ -289,7 +174,8 @@ class Supervisor:
                  owner_pid: int | None = None, secret: bytes | None = None, threads: int | None = None,
                  max_clients: int = DEFAULT_MAX_CLIENTS, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_SECONDS, send_timeout: float = DEFAULT_SEND_SECONDS,
-                 trust_worker_channel: bool = False, isolate_clients: bool = False, log=sys.stderr):
+                 trust_worker_channel: bool = False, isolate_clients: bool = False, verbose: bool = False,
+                 log=sys.stderr):
         self.socket_path = os.path.abspath(socket_path)
         # Given by the Worker that starts us, or made here and written beside the socket.
         self._secret = secret if secret is not None else auth.new_secret()
@@ -301,6 +187,12 @@ class Supervisor:
         self.model, self.device, self.policy, self.confine = model, device, policy, confine
         self.timeout, self.memory_limit = timeout, memory_limit
         self.threads = threads if threads is not None else default_threads()
+        self.log = log
+        self.life = WorkerLifecycle(
+            model=model, device=device, policy=policy, confine=confine, handlers=handlers,
+            shm_threshold=shm_threshold, threads=self.threads, start_timeout=start_timeout,
+            send_timeout=send_timeout, memory_limit=memory_limit, trust_worker_channel=trust_worker_channel,
+            verbose=verbose, say=self._say, log=log)
         self.max_clients, self.max_queued_bytes = max_clients, max_queued_bytes
         self.handshake_timeout, self.send_timeout = handshake_timeout, send_timeout
         self._connections = 0  # accepted and not yet gone, handshaking ones included
@@ -312,12 +204,9 @@ class Supervisor:
         self.isolate_clients = isolate_clients
         self._last_client: int | None = None  # whom the current worker served
         self._owner_checked = 0.0
-        self.log = log
-        self.worker: WorkerHandle | None = None
         self.state = "starting"
         self.started_at = time.time()
-        self.served = self.restarts = self.retirements = 0
-        self.last_crash: str | None = None
+        self.served = 0
         self._ready = threading.Event()
         self._start_error: str | None = None
         self._stopping = threading.Event()
@@ -325,7 +214,6 @@ class Supervisor:
         self._rotation: collections.deque[ClientSession] = collections.deque()
         self._clients: dict[int, ClientSession] = {}
         self._client_ids = itertools.count(1)
-        self._request_ids = itertools.count(1)
         self._running: tuple[ClientSession, int] | None = None
         self._listener: socket.socket | None = None
 
@@ -338,7 +226,7 @@ class Supervisor:
     # -- entry -------------------------------------------------------------------------
     def serve(self) -> int:
         self._listener = _listen(self.socket_path, self._secret if self._secret_file else None)
-        removed = _sweep_orphan_scratch()
+        removed = sweep_orphan_scratch()
         if removed:
             self._say(f"removed {len(removed)} scratch directories of dead servers")
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -361,214 +249,20 @@ class Supervisor:
         with self._lock:
             self._lock.notify_all()
 
-    # -- the worker --------------------------------------------------------------------
-    def _start_worker(self) -> None:
+    # -- the worker (its life cycle: runner.lifecycle) ----------------------------------
+    def _start_worker(self, attempts: int = 1) -> None:
         self.state = "starting" if not self._ready.is_set() else "restarting"
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # A worker that stops reading must not stall our sends to it either.
-        _set_send_timeout(parent_end, self.send_timeout)
-        scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
-        argv = [sys.executable, "-m", "runner.worker", "--channel-fd", str(child_end.fileno()),
-                "--parent-pid", str(os.getpid()), "--model", self.model, "--device", self.device,
-                "--confine", self.confine, "--handlers", ",".join(self.handlers),
-                "--shm-threshold", str(self.shm_threshold), "--scratch", scratch, "--threads", str(self.threads)]
-        if self.policy:
-            argv += ["--policy", self.policy]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), PACKAGE_ROOT]))
-        # Temporary files the worker's libraries make before confinement (torch's
-        # torchinductor_<user> cache at import) land in its scratch, removed with it.
-        env["TMPDIR"] = scratch
-        # cwd is the scratch directory so `-m` puts nothing of the user's on sys.path.
-        popen = subprocess.Popen(argv, pass_fds=(child_end.fileno(),), cwd=scratch, env=env,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        child_end.close()
-        worker = WorkerHandle(popen, Connection(parent_end), scratch, watch=_ChannelDeadline(parent_end))
-        worker.pump = threading.Thread(target=self._pump_output, args=(worker,), daemon=True, name="worker-output")
-        worker.pump.start()
-        try:
-            with worker.watch.bound(self.start_timeout):
-                worker.conn.greet(peer=f"worker pid {worker.pid}")
-            message = self._wait_message(worker, time.monotonic() + self.start_timeout, "start")
-            message.close()
-        except (_WorkerLost, ProtocolError, OSError) as exc:
-            self._dispose(worker)
-            raise StartFailed(f"{exc}\n{worker.output_tail()}".strip()) from None
-        if message.kind != "ready":
-            self._dispose(worker)
-            raise StartFailed(f"{message.meta.get('error')}\n{worker.output_tail()}".strip())
-        worker.info = message.meta
-        worker.last_ping = time.monotonic()
-        self.worker = worker
+        self.life.start(attempts)
         self._last_client = None
         self.state = "ready"
         self._ready.set()
-        self._say(f"worker {worker.pid} ready in {message.meta.get('load_seconds', 0):.1f}s")
-
-    def _pump_output(self, worker: WorkerHandle) -> None:
-        """Log the worker's output and keep its tail, a line at a time, each line cut to
-        ``MAX_LINE_CHARS`` and its control characters escaped: user code writes there."""
-        fd = worker.popen.stdout.fileno()
-        line, cut_bytes = bytearray(), 0
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 16)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                if line or cut_bytes:
-                    self._log_worker_line(worker, line, cut_bytes)
-                return
-            pieces = chunk.split(b"\n")
-            for index, piece in enumerate(pieces):
-                room = MAX_LINE_CHARS - len(line)
-                line += piece[:room]
-                cut_bytes += len(piece) - len(piece[:room])
-                if index < len(pieces) - 1:  # a newline ended this line
-                    self._log_worker_line(worker, line, cut_bytes)
-                    line, cut_bytes = bytearray(), 0
-
-    def _log_worker_line(self, worker: WorkerHandle, raw: bytearray, cut_bytes: int) -> None:
-        text = escape_controls(raw.decode("utf-8", "replace"))
-        if cut_bytes:
-            text += f"[... {cut_bytes} more bytes of this line cut]"
-        worker.tail.append(text + "\n")
-        try:
-            self.log.write(text + "\n")
-            self.log.flush()
-        except (OSError, ValueError):
-            pass
-
-    def _wait_message(self, worker: WorkerHandle, deadline: float, what: str,
-                      wanted_id: int | None = None) -> Message:
-        """The next message from the worker that is not a stats report, checking its
-        health, memory and ``deadline`` while waiting. Raises ``_WorkerLost``."""
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise _WorkerLost(errors.TIMEOUT if what == "request" else errors.CRASHED,
-                                  {"request": "the request ran past its time limit",
-                                   "start": f"the worker did not become ready in {self.start_timeout:g}s",
-                                   "ping": f"the worker did not answer a ping in {_PING_TIMEOUT:g}s"}[what])
-            self._check_memory(worker)
-            readable, _, _ = select.select([worker.conn.sock], [], [], min(_POLL_SECONDS, deadline - now))
-            if not readable:
-                if worker.popen.poll() is not None:
-                    raise _WorkerLost(errors.CRASHED, "the worker died")
-                continue
-            message = self._read(worker)
-            if message.kind == "stats":
-                message.close()
-                continue
-            if self._trust_worker_channel:  # TEST ONLY: the old, trusting match by id alone
-                if wanted_id is not None and message.id != wanted_id:
-                    message.close()
-                    continue
-                return message
-            if message.kind in _ANSWERS[what] and (wanted_id is None or message.id == wanted_id):
-                return message
-            message.close()
-            # A ping's pong cannot come late (no pong in time kills the worker) and ids are
-            # random: this answers nothing we asked. User code wrote it; never forward it.
-            raise _WorkerLost(errors.CRASHED, f"the worker sent {message.kind!r} for id {message.id} while "
-                                              f"waiting for its answer to the {what}: it was killed as "
-                                              "compromised (user code writing on the worker's channel)",
-                              rerun=True)
-
-    def _read(self, worker: WorkerHandle) -> Message:
-        """One message from the worker, whole within ``_CHANNEL_READ_SECONDS`` of its
-        first byte. Raises ``_WorkerLost``."""
-        try:
-            if self._trust_worker_channel:
-                message = worker.conn.recv()  # TEST ONLY: no deadline
-            else:
-                with worker.watch.bound(_CHANNEL_READ_SECONDS):
-                    message = worker.conn.recv()
-        except BadMessage as exc:
-            raise _WorkerLost(errors.CRASHED, f"the worker sent a malformed message ({exc}): it was killed as "
-                                              "compromised") from None
-        except (ProtocolError, OSError):
-            if worker.watch.tripped:
-                raise _WorkerLost(errors.CRASHED, f"the worker left a message on its channel unfinished for "
-                                                  f"{_CHANNEL_READ_SECONDS:g}s (user code writing on the "
-                                                  "worker's channel?): it was killed") from None
-            raise _WorkerLost(errors.CRASHED, "the worker died") from None
-        if message.kind == "stats":
-            gpu = message.meta.get("gpu")
-            worker.gpu_bytes = gpu if type(gpu) is int else None
-        return message
-
-    def _drain(self, worker: WorkerHandle) -> None:
-        """Before a request goes out, nothing but stats may be waiting on the channel: the
-        worker was asked nothing, so anything else was written by user code."""
-        while select.select([worker.conn.sock], [], [], 0)[0]:
-            message = self._read(worker)
-            message.close()
-            if message.kind != "stats":
-                raise _WorkerLost(errors.CRASHED, f"the worker sent {message.kind!r} for id {message.id} "
-                                                  "unasked: it was killed as compromised (user code writing "
-                                                  "on the worker's channel)", rerun=True)
-
-    def _new_id(self) -> int:
-        """A request or ping id the worker cannot guess, so nothing written on the channel
-        before a request was sent can name it."""
-        if self._trust_worker_channel:
-            return next(self._request_ids)  # TEST ONLY: predictable
-        return int.from_bytes(os.urandom(7), "little")
-
-    def _check_memory(self, worker: WorkerHandle) -> None:
-        if self.memory_limit is None:
-            return
-        try:
-            rss = psutil.Process(worker.pid).memory_info().rss
-        except psutil.NoSuchProcess:
-            return  # its death shows up on the socket
-        # Memfds it holds only by descriptor are in no RSS: they count too.
-        for what, used in (("RSS and memfds", rss + shm.memfd_bytes(worker.pid)), ("GPU memory", worker.gpu_bytes)):
-            if used is not None and used > self.memory_limit:
-                raise _WorkerLost(errors.MEMORY, f"the worker's {what} of {_mib(used)} went past "
-                                                 f"the memory limit of {_mib(self.memory_limit)}")
-
-    def _kill(self, worker: WorkerHandle) -> int:
-        if worker.popen.poll() is None:
-            worker.popen.kill()
-        return worker.popen.wait()
-
-    def _dispose(self, worker: WorkerHandle) -> int:
-        """Kill (if needed) and reap a worker, and remove what it leaves behind."""
-        returncode = self._kill(worker)
-        worker.watch.close()
-        worker.conn.close()
-        worker.pump.join(timeout=5)  # its last lines belong in the crash report
-        worker.popen.stdout.close()
-        shutil.rmtree(worker.scratch, ignore_errors=True)
-        return returncode
-
-    def _lose_worker(self, lost: _WorkerLost) -> dict:
-        worker, self.worker = self.worker, None
-        returncode = self._dispose(worker)
-        self.restarts += 1
-        self.last_crash = f"{lost.reason} ({describe_exit(returncode)})"
-        self._say(f"worker {worker.pid}: {self.last_crash}; restarting")
-        return failure(lost.category, lost.reason, returncode=returncode, stderr_tail=worker.output_tail())
-
-    def _restart(self) -> None:
-        for attempt in range(1, _RESTART_ATTEMPTS + 1):
-            try:
-                self._start_worker()
-                return
-            except StartFailed as exc:
-                if attempt == _RESTART_ATTEMPTS:
-                    raise
-                self._say(f"restart attempt {attempt} failed: {exc}")
-                time.sleep(attempt)
 
     # -- scheduling --------------------------------------------------------------------
     def _schedule(self) -> None:
         self._start_worker()
         while not self._stopping.is_set():
-            if self.worker is None:
-                self._restart()
+            if self.life.worker is None:
+                self._start_worker(RESTART_ATTEMPTS)
             item = self._take()
             try:
                 if item is None:
@@ -576,13 +270,13 @@ class Supervisor:
                 else:
                     self._execute(*item)
             except Exception as exc:
-                if not isinstance(exc, _WorkerLost):
+                if not isinstance(exc, WorkerLost):
                     # Our own bug, met on this request or while idle: the channel's state
                     # is unknown, so the worker starts afresh; serving goes on.
                     self._say(f"internal error: {cut(traceback.format_exc())}")
-                    exc = _WorkerLost(errors.CRASHED, cut(f"the server met an internal error ({type(exc).__name__}: "
+                    exc = WorkerLost(errors.CRASHED, cut(f"the server met an internal error ({type(exc).__name__}: "
                                                           f"{exc}); the worker was restarted", 4096))
-                outcome = self._lose_worker(exc)
+                outcome = self.life.lose(exc)
                 if item is not None and not (exc.rerun and self._rerun(*item)):
                     item[1].close()
                     self._reply_failure(item[0], item[1].id, outcome)
@@ -590,7 +284,7 @@ class Supervisor:
     def _take(self) -> tuple[ClientSession, Message] | None:
         with self._lock:
             if not self._rotation and not self._stopping.is_set():
-                self._lock.wait(_POLL_SECONDS * 4)
+                self._lock.wait(POLL_SECONDS * 4)
             while self._rotation:
                 client = self._rotation.popleft()
                 if not client.queue:
@@ -629,16 +323,7 @@ class Supervisor:
                 self._say(f"owner process {self.owner_pid} is gone; stopping")
                 self.stop()
                 return
-        worker = self.worker
-        if worker.popen.poll() is not None:
-            raise _WorkerLost(errors.CRASHED, "the worker died while idle")
-        self._check_memory(worker)
-        if time.monotonic() - worker.last_ping < _PING_INTERVAL:
-            return
-        ping_id = self._new_id()
-        worker.conn.send("ping", ping_id)
-        self._wait_message(worker, time.monotonic() + _PING_TIMEOUT, "ping", ping_id).close()
-        worker.last_ping = time.monotonic()
+        self.life.check_idle()
 
     def _execute(self, client: ClientSession, message: Message) -> None:
         if not client.alive:  # it left after its request was taken from the queue
@@ -647,33 +332,23 @@ class Supervisor:
                 self._running = None
             return
         if self.isolate_clients and self._last_client not in (None, client.id):
-            self.retirements += 1
-            self._retire(self.worker, client, "the next request is of another client (--isolate-clients)")
-            self._restart()
+            self.life.retiring()
+            self.life.retire(f"the next request is of another client (--isolate-clients) (client pid {client.pid})")
+            self._start_worker(RESTART_ATTEMPTS)
         self._last_client = client.id
-        worker = self.worker
         meta = message.meta
-        request_id = self._new_id()
         # The server's timeout is a maximum: a client may ask for less, never more.
         deadline = time.monotonic() + min(meta.get("timeout") or self.timeout, self.timeout)
-        if not self._trust_worker_channel:
-            self._drain(worker)
         try:
-            worker.conn.send("request", request_id, {
+            reply = self.life.run({
                 "kind": meta["kind"], "form": meta.get("form", "frames"), "reply": meta.get("reply", "frames"),
                 "client": client.id,  # the tenant: the worker keeps each client's sources apart
-            }, message.frames, message.fds)
+            }, message.frames, message.fds, deadline)
         except (TypeError, ValueError, OverflowError) as exc:  # refused before a byte went out
             message.close()
             self._reply_failure(client, message.id, failure(errors.RUNNER, cut(
                 f"bad request: it cannot be forwarded to the worker ({exc})")))
             return
-        except OSError:
-            raise _WorkerLost(errors.CRASHED, "the worker died") from None
-        reply = self._wait_message(worker, deadline, "request", request_id)
-        worker.last_ping = time.monotonic()
-        if "sources" in reply.meta:
-            worker.info["sources"] = reply.meta["sources"]
         self.served += 1
         with self._lock:
             self._running = None
@@ -681,25 +356,17 @@ class Supervisor:
         message.close()  # answered: the worker had its own copies of its descriptors
         retire = reply.meta.get("retire")
         if retire:
-            self.retirements += 1  # before the reply goes out: a status after it shows it
+            self.life.retiring()  # before the reply goes out: a status after it shows it
         # Out through the client's outbox, which closes the reply's descriptors once sent;
         # its inline frames are copied out of the channel's receive buffer first.
         client.post(reply.kind, message.id, reply.meta, reply.detach())
         if retire:
-            self._retire(worker, client, str(retire))
-
-    def _retire(self, worker: WorkerHandle, client: ClientSession, reason: str) -> None:
-        """The worker found itself changed after a request (``runner.hygiene``), or serves
-        another client next under ``isolate_clients``: replace it before the next request
-        runs. Planned, not a crash: nobody's request fails."""
-        self.worker = None
-        self._dispose(worker)
-        self._say(f"worker {worker.pid} retired: {reason} (client pid {client.pid})")
+            self.life.retire(f"{retire} (client pid {client.pid})")
 
     def _reply_failure(self, client: ClientSession, request_id: int, info: dict) -> None:
         with self._lock:
             self._running = None
-        client.post("error", request_id, {"error": info})
+        client.post(ERROR, request_id, {"error": info})
 
     def _fail_queued(self, info: dict) -> None:
         with self._lock:
@@ -756,7 +423,7 @@ class Supervisor:
             sock.setblocking(False)
             conn = Connection(sock)
             conn.sock.send(struct.pack("<8sI", GREETING_MAGIC, PROTOCOL_VERSION))
-            conn.send("error", 0, {"error": failure(errors.BUSY, (
+            conn.send(ERROR, 0, {"error": failure(errors.BUSY, (
                 f"the worker server at {self.socket_path} is busy: it serves {self.max_clients} connections "
                 "already (its --max-clients); try again later"))})
             sock.shutdown(socket.SHUT_WR)
@@ -776,7 +443,7 @@ class Supervisor:
         try:
             pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
             # Replies to a client that stopped reading must not stall its outbox for ever.
-            _set_send_timeout(sock, self.send_timeout)
+            set_send_timeout(sock, self.send_timeout)
             # A message larger than the client may queue is refused before it is read.
             conn = Connection(sock, max_inline_bytes=self.max_queued_bytes)
             try:
@@ -809,16 +476,16 @@ class Supervisor:
                 try:
                     message = conn.recv()
                 except BadMessage as exc:
-                    client.post("error", exc.request_id or 0, {"error": failure(errors.RUNNER, cut(str(exc)))})
+                    client.post(ERROR, exc.request_id or 0, {"error": failure(errors.RUNNER, cut(str(exc)))})
                     continue
-                if message.kind != "request":
+                if message.kind != REQUEST:
                     message.close()  # only requests carry memory
                 if not self._handle(client, message):
                     return
         except ProtocolError as exc:
             if not isinstance(exc, ConnectionClosed):
                 self._say(f"dropped client pid {client.pid}: {exc}")
-                client.post("error", 0, {"error": failure(errors.RUNNER, cut(f"connection dropped: {exc}"))})
+                client.post(ERROR, 0, {"error": failure(errors.RUNNER, cut(f"connection dropped: {exc}"))})
                 client.outbox.close(flush_seconds=1.0)
         except OSError:
             pass
@@ -827,10 +494,10 @@ class Supervisor:
         hello = conn.recv()
         hello.close()
         nonce = hello.meta.get("nonce")
-        if hello.kind != "hello" or not (isinstance(nonce, bytes) and len(nonce) == auth.NONCE_BYTES):
+        if hello.kind != HELLO or not (isinstance(nonce, bytes) and len(nonce) == auth.NONCE_BYTES):
             raise BadMessage(f"the first message must be a hello carrying a {auth.NONCE_BYTES}-byte nonce")
         ours = auth.new_nonce()
-        conn.send("welcome", hello.id, {
+        conn.send(WELCOME, hello.id, {
             "protocol": PROTOCOL_VERSION, "server_pid": os.getpid(), "model": self.model, "policy": self.policy,
             "device": self.device, "shm_threshold": self.shm_threshold, "state": self.state,
             "nonce": ours, "proof": auth.proof(self._secret, b"server", nonce, ours, os.getpid(), pid),
@@ -849,43 +516,43 @@ class Supervisor:
     def _handle(self, client: ClientSession, message: Message) -> bool:
         """Act on one client message; ``False`` ends the connection."""
         kind = message.kind
-        if kind == "request":
+        if kind == REQUEST:
             self._enqueue(client, message)
-        elif kind == "ping":
-            client.post("pong", message.id)
-        elif kind == "status":
-            client.post("status", message.id, self.status())
-        elif kind == "wait_ready":
+        elif kind == PING:
+            client.post(PONG, message.id)
+        elif kind == STATUS:
+            client.post(STATUS, message.id, self.status())
+        elif kind == WAIT_READY:
             self._ready.wait()
             if self._start_error is not None:
-                client.post("error", message.id, {"error": failure(errors.START, cut(self._start_error))})
+                client.post(ERROR, message.id, {"error": failure(errors.START, cut(self._start_error))})
                 client.outbox.close(flush_seconds=1.0)
                 return False
-            client.post("ready", message.id, self.status())
-        elif kind == "auth":
+            client.post(READY, message.id, self.status())
+        elif kind == AUTH:
             answer = message.meta.get("proof")
             expected = auth.proof(self._secret, b"client", *client.nonces, os.getpid(), client.pid)
             if isinstance(answer, bytes) and hmac.compare_digest(answer, expected):
                 client.owner = True
-                client.post("owner", message.id)
+                client.post(OWNER, message.id)
             else:
-                client.post("error", message.id, {"error": failure(
+                client.post(ERROR, message.id, {"error": failure(
                     errors.RUNNER, "the proof of this server's secret does not match: this client is not its owner")})
-        elif kind == "stop":
+        elif kind == STOP:
             if not client.owner:
                 self._say(f"refused stop from client pid {client.pid}, which is not the owner")
-                client.post("error", message.id, {"error": failure(
+                client.post(ERROR, message.id, {"error": failure(
                     errors.RUNNER, f"stop refused: only the owner of the worker server at {self.socket_path} may "
                                    "stop it (the runner.Worker that started it, or a client that can read "
                                    f"{auth.secret_path(self.socket_path)} when it was started from the command "
                                    "line); it goes on serving")})
             else:
                 self.stop()  # first: the answer may not reach a client that already left
-                client.post("stopping", message.id)
+                client.post(STOPPING, message.id)
         else:
-            client.post("error", message.id, {"error": failure(
-                errors.RUNNER, cut(f"unknown message kind {kind!r} (expected request, ping, "
-                                   "status, wait_ready, auth or stop)", 1024))})
+            client.post(ERROR, message.id, {"error": failure(
+                errors.RUNNER, cut(f"unknown message kind {kind!r} (expected one of "
+                                   f"{', '.join(k for k in kinds(CLIENT, SERVER) if k != HELLO)})", 1024))})
         return True
 
     def _enqueue(self, client: ClientSession, message: Message) -> None:
@@ -898,7 +565,7 @@ class Supervisor:
                 problem = str(exc)
         if problem is not None:
             message.close()
-            client.post("error", message.id, {"error": failure(errors.RUNNER, cut(f"bad request: {problem}"))})
+            client.post(ERROR, message.id, {"error": failure(errors.RUNNER, cut(f"bad request: {problem}"))})
             return
         detached = message.detach()
         # Only what is used is kept while it waits: the rest of its metadata may be large.
@@ -923,7 +590,7 @@ class Supervisor:
                 self._lock.notify_all()
         if refusal is not None:
             message.close()
-            client.post("error", message.id, {"error": refusal})
+            client.post(ERROR, message.id, {"error": refusal})
 
     def _client_gone(self, client: ClientSession) -> None:
         with self._lock:
@@ -941,13 +608,8 @@ class Supervisor:
 
     # -- status and shutdown -----------------------------------------------------------
     def status(self) -> dict:
-        worker = self.worker
-        rss = None
-        if worker is not None:
-            try:
-                rss = psutil.Process(worker.pid).memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
+        worker = self.life.worker
+        rss = self.life.rss()
         with self._lock:
             queued = sum(len(client.queue) for client in self._clients.values())
             clients = len(self._clients)
@@ -959,8 +621,8 @@ class Supervisor:
             "model": self.model, "device": info.get("device", self.device),
             "policy": info.get("policy", self.policy), "sandbox": info.get("sandbox"),
             "kinds": info.get("kinds", []), "uptime": time.time() - self.started_at,
-            "served": self.served, "restarts": self.restarts,
-            "retirements": self.retirements, "last_crash": self.last_crash,
+            "served": self.served, "restarts": self.life.restarts,
+            "retirements": self.life.retirements, "last_crash": self.life.last_crash,
             "clients": clients, "queued": queued, "running": running, "rss": rss,
             "gpu": worker.gpu_bytes if worker is not None else None,
             "memory_limit": self.memory_limit, "timeout": self.timeout, "threads": self.threads,
@@ -988,14 +650,7 @@ class Supervisor:
                 except OSError:
                     pass
         self._fail_queued(failure(errors.STOPPED, "the worker server stopped before this request ran"))
-        worker, self.worker = self.worker, None
-        if worker is not None:
-            try:
-                worker.conn.send("stop", 0)
-                worker.popen.wait(_STOP_GRACE)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-            self._dispose(worker)
+        self.life.stop()
         with self._lock:
             clients = list(self._clients.values())
         flushed_by = time.monotonic() + 1.0  # answers already posted (stopping, errors) go out
@@ -1004,27 +659,11 @@ class Supervisor:
             self._client_gone(client)
 
 
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f, *range(0x80, 0xa0)) if c != 0x09}
-
-
-def escape_controls(text: str) -> str:
-    """``text`` with terminal control characters (escape sequences, carriage returns...)
-    written out as ``\\xNN``, so user output cannot drive the terminal it reaches."""
-    return text.translate(_CONTROLS)
-
-
 def default_threads() -> int:
     """The worker's thread budget unless ``--threads`` says otherwise: half the CPUs this
     process may run on, at least 1, so a worker leaves room for its clients and for
     other servers on the machine (docs/RUNNER.md, "Threads")."""
     return max(1, len(os.sched_getaffinity(0)) // 2)
-
-
-def check_seconds(value, what: str) -> float:
-    """``value`` as a finite positive number of seconds, or a ``ValueError`` saying so."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(f"{what} must be a finite positive number of seconds, got {value!r}")
-    return float(value)
 
 
 def _request_problem(message: Message) -> str | None:
@@ -1080,11 +719,6 @@ def _deadline(sock: socket.socket, seconds: float):
         raise ProtocolError(f"the connection did not finish its handshake within {seconds:g}s")
 
 
-def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
-    whole = int(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
-
-
 def _listen(path: str, secret: bytes | None) -> socket.socket:
     """Listen at ``path``; ``secret`` is written beside it first (None: a secret file left
     there by a killed server is removed), so no client can find the socket without it."""
@@ -1111,7 +745,3 @@ def _listen(path: str, secret: bytes | None) -> socket.socket:
         os.umask(old_umask)
     listener.listen(64)
     return listener
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.0f} MiB"

@@ -46,9 +46,11 @@ import capture
 import sandbox
 
 from . import handlers, hygiene
+from .nnsight_compat import torch_module
 from . import errors as errors_module
 from .errors import BadMessage, ProtocolError, describe, failure
-from .protocol import Connection, ConnectionClosed, SharedRef
+from .protocol import (ERROR, FAILED, MISS, PING, PONG, READY, REPLY, REQUEST, STATS, STOP, SUPERVISOR, WORKER,
+                       Connection, ConnectionClosed, SharedRef, kinds)
 from .shm import RequestMemory, SealedWriter
 
 _PR_SET_PDEATHSIG = 1
@@ -161,7 +163,10 @@ class _ClientDestination:
         return True
 
 
-class Worker:
+class RequestLoop:
+    """The worker's side of its channel: one request at a time, each decoded, handed to its
+    handler and answered (``serve``). Not the client's ``runner.Worker``."""
+
     def __init__(self, conn: Connection, context: handlers.Context, sources: SourceStore):
         self.conn = conn
         self.context = context
@@ -192,19 +197,20 @@ class Worker:
             except ConnectionClosed:
                 return
             except BadMessage as exc:  # only the supervisor talks to us; still, fail just this one
-                self.conn.send("error", exc.request_id or 0, {"error": failure(errors_module.RUNNER, str(exc))})
+                self.conn.send(ERROR, exc.request_id or 0, {"error": failure(errors_module.RUNNER, str(exc))})
                 continue
-            if message.kind == "request":
+            if message.kind == REQUEST:
                 self._run(message)
                 continue
             message.close()  # only requests carry memory
-            if message.kind == "ping":
-                self.conn.send("pong", message.id)
-            elif message.kind == "stop":
+            if message.kind == PING:
+                self.conn.send(PONG, message.id)
+            elif message.kind == STOP:
                 return
             else:
-                self.conn.send("error", message.id, {"error": failure(
-                    errors_module.RUNNER, f"the worker got an unknown message kind {message.kind!r}")})
+                self.conn.send(ERROR, message.id, {"error": failure(
+                    errors_module.RUNNER, f"the worker got an unknown message kind {message.kind!r} (expected "
+                                          f"{', '.join(kinds(SUPERVISOR, WORKER))})")})
 
     def _run(self, message) -> None:
         memory = RequestMemory()
@@ -219,7 +225,7 @@ class Worker:
                 [bundle.to_bytes()] if message.meta.get("reply") == "bytes" else [bundle.header, *bundle.frames]
             staged = self.conn.stage(frames, own=True)
         except BaseException as exc:
-            kind, meta = "error", {"error": describe(exc, skip_dirs=_OWN_DIRS), "sources": self.sources.summary()}
+            kind, meta = ERROR, {"error": describe(exc, skip_dirs=_OWN_DIRS), "sources": self.sources.summary()}
             staged = self.conn.stage([])
         frames = bundle = None
         memory.release()
@@ -234,7 +240,7 @@ class Worker:
         except (TypeError, ValueError, OverflowError) as exc:
             # The reply could not be encoded (nothing of it was sent): say so instead,
             # in a reply that always encodes, and go on serving.
-            buffer = self.conn.send("error", message.id, {"error": failure(
+            buffer = self.conn.send(ERROR, message.id, {"error": failure(
                 errors_module.RUNNER, errors_module.cut(
                     f"the worker could not send its {kind} to this request: {type(exc).__name__}: {exc}; "
                     "return (or raise with) plain values of a reasonable size")),
@@ -259,13 +265,13 @@ class Worker:
             except capture.MissingSources as missing:
                 # Answered, never an error: the client encodes the request again with
                 # those texts and resends it.
-                return "miss", {"missing": missing.digests, "sources": self.sources.summary()}, None
+                return MISS, {"missing": missing.digests, "sources": self.sources.summary()}, None
             result = handler(self.context, payload)
             bundle = capture.encode(result, policy=self._destination, persistent_id=self._persistent_id,
                                     label="result")
         except BaseException as exc:  # user code may raise anything, PolicyKill included
-            return "error", {"error": describe(exc, skip_dirs=_OWN_DIRS), "sources": self.sources.summary()}, None
-        return "reply", {"sources": self.sources.summary()}, bundle
+            return ERROR, {"error": describe(exc, skip_dirs=_OWN_DIRS), "sources": self.sources.summary()}, None
+        return REPLY, {"sources": self.sources.summary()}, bundle
 
     def _decode(self, form, frames, client):
         """Decode a request of ``client`` with its own part of the source store and of the
@@ -303,9 +309,18 @@ class Worker:
         while True:
             time.sleep(_GPU_REPORT_SECONDS)
             try:
-                self.conn.send("stats", 0, {"gpu": torch.cuda.memory_reserved()})
+                self.conn.send(STATS, 0, {"gpu": torch.cuda.memory_reserved()})
             except OSError:
                 return
+
+
+def confinement_summary(report: sandbox.Report) -> str:
+    """The sandbox report in a few words, for the one line logged per worker start."""
+    if report.confine == "off":
+        return "sandbox: OS confinement OFF (confine='off'): user code has this process's full access"
+    missing = [name for name in report.layers if not report.active(name)]
+    summary = f"sandbox: {len(report.layers) - len(missing)}/{len(report.layers)} layers active"
+    return summary + (f", missing {', '.join(missing)}" if missing else "")
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -338,7 +353,7 @@ def _load_model(directory: str | None, device: str):
     from . import models
 
     model = models.load(directory, device)
-    parameter = next(model._module.parameters(), None)
+    parameter = next(torch_module(model).parameters(), None)
     return model, str(parameter.device) if parameter is not None else device
 
 
@@ -360,9 +375,10 @@ def _warm_up(model) -> None:
     tokenizer = getattr(model, "tokenizer", None)
     inputs = tokenizer("sourcebox", return_tensors="pt") if tokenizer is not None else \
         {"input_ids": torch.zeros((1, 1), dtype=torch.long)}
-    parameter = next(model._module.parameters(), None)
+    module = torch_module(model)
+    parameter = next(module.parameters(), None)
     with torch.no_grad():
-        model._module(**{key: value.to(parameter.device) if parameter is not None else value
+        module(**{key: value.to(parameter.device) if parameter is not None else value
                          for key, value in inputs.items()})
 
 
@@ -423,26 +439,26 @@ def main(argv: list[str] | None = None) -> int:
             _warm_up(model)
             loaded = time.monotonic() - started
         except BaseException as exc:
-            conn.send("failed", 0, {"error": f"{type(exc).__name__}: {exc}",
+            conn.send(FAILED, 0, {"error": f"{type(exc).__name__}: {exc}",
                                     "traceback": traceback.format_exc()})
             return 3
-        worker = Worker(conn, handlers.Context(model=model, policy=policy, device=device, model_spec=args.model),
+        loop = RequestLoop(conn, handlers.Context(model=model, policy=policy, device=device, model_spec=args.model),
                         sources)
         if device.startswith("cuda"):
             import torch
 
-            threading.Thread(target=worker.report_gpu_memory, args=(torch,), daemon=True,
+            threading.Thread(target=loop.report_gpu_memory, args=(torch,), daemon=True,
                              name="gpu-memory").start()
         if not hygiene.DISABLED:
-            worker.hygiene = hygiene.Baseline(model, scratch=args.scratch)
-        print(f"sourcebox worker {os.getpid()}: model {args.model} on {device} loaded in {loaded:.1f}s; "
-              f"policy {policy.name}; {report}", file=sys.stderr, flush=True)
-        conn.send("ready", 0, {
+            loop.hygiene = hygiene.Baseline(model, scratch=args.scratch)
+        # The supervisor logs one line per start (``confinement``); the full report is in
+        # its status (``python -m runner status``) and its log with ``serve --verbose``.
+        conn.send(READY, 0, {
             "pid": os.getpid(), "device": device, "policy": policy.name, "model": args.model,
-            "sandbox": str(report), "load_seconds": loaded, "kinds": handlers.kinds(),
-            "sources": sources.summary(),
+            "sandbox": str(report), "confinement": confinement_summary(report), "load_seconds": loaded,
+            "kinds": handlers.kinds(), "sources": sources.summary(),
         })
-        worker.serve()
+        loop.serve()
         return 0
     except (ProtocolError, OSError) as exc:
         print(f"sourcebox worker {os.getpid()}: connection to the supervisor failed: {exc}",

@@ -4,18 +4,14 @@ import os
 import socket
 import time
 
+from runner import auth
 from runner.protocol import Connection
 
 
 def raw_client(worker, timeout: float = 30) -> Connection:
-    """A hand-written client on the raw protocol, greeted and welcomed by ``worker``'s server."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(worker.socket_path)
-    sock.settimeout(timeout)
-    conn = Connection(sock)
-    conn.greet(peer="server")
-    conn.send("hello", 0, {"nonce": os.urandom(32)})
-    assert conn.recv().kind == "welcome"
+    """A hand-written client on the raw protocol, through the handshake every client does
+    (``runner.auth.handshake``) with ``worker``'s server; waits on it time out after ``timeout``."""
+    conn, _, _ = auth.handshake(worker.socket_path, timeout=timeout)
     return conn
 
 

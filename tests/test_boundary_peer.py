@@ -15,7 +15,7 @@ import pytest
 
 import runner
 from runner import auth, shm
-from runner.supervisor import _CHANNEL_READ_SECONDS
+from runner.lifecycle import CHANNEL_READ_SECONDS as _CHANNEL_READ_SECONDS
 from runner_support import listening, wait_until
 
 POLICY = "nnsight-local"

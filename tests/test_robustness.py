@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 import runner
-from runner import auth, supervisor
+from runner import auth, child, supervisor
 from runner.protocol import GREETING_MAGIC, MESSAGE_MAGIC, PROTOCOL_VERSION, Connection
 from runner_support import raw_client
 
@@ -387,7 +387,7 @@ def test_worker_output_is_read_bounded_and_its_control_characters_escaped(serve)
     log = server.log()
     assert "\x1b" not in log and "\r" not in log
     assert "\\x1b[31mRED\\x1b[0m\\x0dover" in log
-    assert log.count(f"[... {64 * MiB - supervisor.MAX_LINE_CHARS} more bytes of this line cut]") == 2
+    assert log.count(f"[... {64 * MiB - child.MAX_LINE_CHARS} more bytes of this line cut]") == 2
 
 
 # -- 5. the server's timeout is a maximum, and a number ------------------------------------

@@ -187,7 +187,7 @@ def test_close_fails_waiting_requests_as_stopped_and_leaves_no_thread_running():
         with pytest.raises(runner.WorkerStopped, match="closed before this request finished"):
             running.result(timeout=30)
         # A thread of ours alive at interpreter exit could make torch abort the process.
-        assert not client._reader.is_alive()
+        assert not client._link._reader.is_alive()
         assert server.call(sleep_for, 0) == 0
 
 
