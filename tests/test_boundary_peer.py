@@ -39,6 +39,7 @@ def echo(value):
 # hello/welcome exchange, answers wait_ready, and prints whatever requests reach it.
 FAKE_SERVER = textwrap.dedent('''\
     import os, socket, sys
+    from runner import protocol
     from runner.protocol import Connection
 
     path, mode = sys.argv[1], sys.argv[2]
@@ -60,13 +61,13 @@ FAKE_SERVER = textwrap.dedent('''\
             greeted = True
             print("greeted", flush=True)
             hello = conn.recv()
-            conn.send("welcome", hello.id, {"server_pid": os.getpid(), "nonce": os.urandom(32),
-                                            "proof": os.urandom(32), "policy": "nnsight-local"})
+            conn.send(protocol.WELCOME, hello.id, {"server_pid": os.getpid(), "nonce": os.urandom(32),
+                                                     "proof": os.urandom(32), "policy": "nnsight-local"})
             while True:
                 message = conn.recv()
-                if message.kind == "wait_ready":
-                    conn.send("ready", message.id, {"policy": "nnsight-local", "worker_pid": None})
-                elif message.kind == "request":
+                if message.kind == protocol.WAIT_READY:
+                    conn.send(protocol.READY, message.id, {"policy": "nnsight-local", "worker_pid": None})
+                elif message.kind == protocol.REQUEST:
                     print("request", b"".join(bytes(f) for f in message.frames), flush=True)
         except Exception as exc:
             print("connection ended:", type(exc).__name__, flush=True)
@@ -120,6 +121,7 @@ CLIENT = textwrap.dedent('''\
 
     import capture
     import runner
+    from runner import protocol
     from runner.protocol import Connection
 
 
@@ -167,7 +169,7 @@ CLIENT = textwrap.dedent('''\
         ours, theirs = socket.socketpair()
         conn, wire = Connection(ours), []
         for request_id in ids:
-            conn.send("reply", request_id, {"dropped": [], "sources": {"id": "forged"}}, [bundle.header])
+            conn.send(protocol.REPLY, request_id, {"dropped": [], "sources": {"id": "forged"}}, [bundle.header])
             prefix = theirs.recv(16, socket.MSG_WAITALL)
             _, header, inline = struct.unpack("<4sIQ", prefix)
             wire.append(prefix + theirs.recv(header + inline, socket.MSG_WAITALL))

@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 import runner
-from runner import auth, child, supervisor
-from runner.protocol import GREETING_MAGIC, MESSAGE_MAGIC, PROTOCOL_VERSION, Connection
+from runner import auth, child, protocol, supervisor
+from runner.protocol import GREETING_MAGIC, MESSAGE_MAGIC, PROTOCOL_VERSION
 from runner_support import raw_client
 
 POLICY = "nnsight-local"
@@ -189,12 +189,12 @@ def test_a_request_header_near_the_limit_fails_alone(serve):
     conn = raw_client(server)
     frames = request_frames(echo, 1)
     # The supervisor forwards the kind: a 15 MiB one would not fit the worker's header.
-    conn.send("request", 1, {"kind": "k" * (15 * MiB), "form": "frames"}, frames)
+    conn.send(protocol.REQUEST, 1, {"kind": "k" * (15 * MiB), "form": "frames"}, frames)
     refused = answer(conn)
-    assert refused.kind == "error" and "must be a string of 1 to 256 characters" in refused.meta["error"]["message"]
+    assert refused.kind == protocol.ERROR and "must be a string of 1 to 256 characters" in refused.meta["error"]["message"]
     # Metadata the supervisor does not forward may be large: the request runs.
-    conn.send("request", 2, {"kind": "call", "form": "frames", "note": "n" * (15 * MiB)}, frames)
-    assert answer(conn).kind == "reply"
+    conn.send(protocol.REQUEST, 2, {"kind": "call", "form": "frames", "note": "n" * (15 * MiB)}, frames)
+    assert answer(conn).kind == protocol.REPLY
     conn.close()
     assert served(server.path)
 
@@ -207,7 +207,7 @@ def test_a_message_declaring_a_huge_size_gets_memory_only_for_the_bytes_sent(ser
     for _ in range(3):
         conn = raw_client(server)
         declared = (1 << 30) - 64
-        header = msgpack.packb({"k": "request", "i": 1, "m": {}, "f": [[0, declared]]})
+        header = msgpack.packb({"k": protocol.REQUEST, "i": 1, "m": {}, "f": [[0, declared]]})
         conn.sock.sendall(struct.pack("<4sIQ", MESSAGE_MAGIC, len(header), declared) + header + b"z" * 10)
         conns.append(conn)
     time.sleep(1.0)  # time to allocate, were it going to
@@ -297,14 +297,9 @@ def test_running_out_of_descriptors_pauses_accepting_instead_of_ending_it(serve)
 
 def test_the_stop_of_a_client_that_leaves_at_once_is_not_lost(serve):
     server = serve()
-    secret, _ = auth.read_secret(server.path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(server.path)
-    conn = Connection(sock)
-    conn.greet(peer="server")
-    _, owner = auth.client_handshake(conn, server.path, secret)
+    conn, _, owner = auth.handshake(server.path)  # proves the secret it reads beside the socket
     assert owner
-    conn.send("stop", 1)
+    conn.send(protocol.STOP, 1)
     conn.close()  # before the answer
     assert server.proc.wait(30) == 0
     assert not os.path.exists(server.path)
@@ -313,10 +308,10 @@ def test_the_stop_of_a_client_that_leaves_at_once_is_not_lost(serve):
 def test_a_request_without_frames_is_refused_with_a_clear_message(serve):
     server = serve()
     conn = raw_client(server)
-    conn.send("request", 1, {"kind": "call", "form": "frames"}, [])
+    conn.send(protocol.REQUEST, 1, {"kind": "call", "form": "frames"}, [])
     refused = answer(conn)
-    assert refused.kind == "error" and "at least one frame" in refused.meta["error"]["message"]
-    conn.send("request", 2, {"kind": "call", "form": "bytes"}, [b"a", b"b"])
+    assert refused.kind == protocol.ERROR and "at least one frame" in refused.meta["error"]["message"]
+    conn.send(protocol.REQUEST, 2, {"kind": "call", "form": "bytes"}, [b"a", b"b"])
     refused = answer(conn)
     assert "bytes form carries one frame" in refused.meta["error"]["message"]
     conn.close()
@@ -344,7 +339,7 @@ def stalled_client(server, requests=40):
     conn = raw_client(server)
     frames = request_frames(echo, b"r" * 100_000)
     for n in range(1, requests + 1):
-        conn.send("request", n, {"kind": "call", "form": "frames"}, frames)
+        conn.send(protocol.REQUEST, n, {"kind": "call", "form": "frames"}, frames)
     return conn
 
 
@@ -414,9 +409,9 @@ def test_the_server_refuses_bad_timeouts_from_the_command_line_and_from_a_reques
     server = serve()
     conn = raw_client(server)
     for n, value in enumerate([float("nan"), float("inf"), -1.0, True], 1):
-        conn.send("request", n, {"kind": "call", "form": "frames", "timeout": value}, request_frames(echo, 1))
+        conn.send(protocol.REQUEST, n, {"kind": "call", "form": "frames", "timeout": value}, request_frames(echo, 1))
         refused = answer(conn)
-        assert refused.kind == "error" and "finite positive number" in refused.meta["error"]["message"]
+        assert refused.kind == protocol.ERROR and "finite positive number" in refused.meta["error"]["message"]
     conn.close()
     with runner.Worker(socket=server.path) as worker:
         assert worker.status()["timeout"] == supervisor.DEFAULT_TIMEOUT

@@ -18,6 +18,7 @@ import msgpack
 import pytest
 
 import runner
+from runner import protocol
 from runner_support import raw_client
 from runner.worker import SourceStore
 
@@ -112,7 +113,7 @@ def test_after_the_worker_is_killed_a_call_succeeds_through_the_miss_path(module
 
 
 def send_call(conn, request_id, bundle):
-    conn.send("request", request_id, {"kind": "call"}, [bundle.header, *bundle.frames])
+    conn.send(protocol.REQUEST, request_id, {"kind": "call"}, [bundle.header, *bundle.frames])
     return conn.recv()
 
 
@@ -127,14 +128,14 @@ def test_a_digest_only_request_for_unknown_source_gets_a_miss_then_runs_when_res
     conn = raw_client(worker)
     try:
         reply = send_call(conn, 7, encode_call(lib.entry, 4.0, known=set(full.source_digests)))
-        assert (reply.kind, reply.id) == ("miss", 7)
+        assert (reply.kind, reply.id) == (protocol.MISS, 7)
         assert sorted(reply.meta["missing"]) == sorted(full.source_digests)
         reply = send_call(conn, 7, full)
-        assert (reply.kind, reply.id) == ("reply", 7)
+        assert (reply.kind, reply.id) == (protocol.REPLY, 7)
         assert capture.decode(bytes(reply.frames[0]), [bytes(f) for f in reply.frames[1:]]) == lib.entry(4.0)
         # Now the store holds them: the digests alone are enough, from any client.
         reply = send_call(conn, 8, encode_call(lib.entry, 5.0, known=set(full.source_digests)))
-        assert reply.kind == "reply"
+        assert reply.kind == protocol.REPLY
         assert capture.decode(bytes(reply.frames[0]), [bytes(f) for f in reply.frames[1:]]) == lib.entry(5.0)
     finally:
         conn.close()
@@ -150,15 +151,15 @@ def test_text_that_does_not_match_its_digest_is_refused_and_never_stored(worker,
     forged = msgpack.packb(header, use_bin_type=True)
     conn = raw_client(worker)
     try:
-        conn.send("request", 3, {"kind": "call"}, [forged])
+        conn.send(protocol.REQUEST, 3, {"kind": "call"}, [forged])
         reply = conn.recv()
-        assert (reply.kind, reply.id) == ("error", 3)
+        assert (reply.kind, reply.id) == (protocol.ERROR, 3)
         error = reply.meta["error"]
         assert error["qualname"] == "BundleError"
         assert f"{lib.__file__}:1 does not match its digest" in error["message"]
         # The forged text was not kept under the genuine digest: asking by digest misses.
         reply = send_call(conn, 4, encode_call(lib.secret, 1, known={source["digest"]}))
-        assert reply.kind == "miss" and reply.meta["missing"] == [source["digest"]]
+        assert reply.kind == protocol.MISS and reply.meta["missing"] == [source["digest"]]
     finally:
         conn.close()
     assert worker.call(lib.secret, 1) == 1 + os.getpid()

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import runner
+from runner import protocol
 from runner_support import raw_client
 from runner.protocol import GREETING_MAGIC, MESSAGE_MAGIC, PROTOCOL_VERSION
 
@@ -257,9 +258,9 @@ def test_malformed_header_fails_that_request_only(worker):
     conn = raw_client(worker, timeout=10)
     conn.sock.sendall(struct.pack("<4sIQ", MESSAGE_MAGIC, 1, 0) + b"\xc1")
     reply = conn.recv()
-    assert reply.kind == "error" and "malformed message header" in reply.meta["error"]["message"]
-    conn.send("ping", 5)
-    assert (conn.recv().kind, worker.call(add, 1, b=2)) == ("pong", 3)
+    assert reply.kind == protocol.ERROR and "malformed message header" in reply.meta["error"]["message"]
+    conn.send(protocol.PING, 5)
+    assert (conn.recv().kind, worker.call(add, 1, b=2)) == (protocol.PONG, 3)
     conn.close()
 
 
@@ -271,9 +272,9 @@ def test_malformed_header_fails_that_request_only(worker):
 ])
 def test_hostile_requests_are_refused_with_a_clear_error(worker, meta, frames, message):
     conn = raw_client(worker, timeout=10)
-    conn.send("request", 9, meta, frames)
+    conn.send(protocol.REQUEST, 9, meta, frames)
     reply = conn.recv()
-    assert reply.kind == "error" and reply.id == 9
+    assert reply.kind == protocol.ERROR and reply.id == 9
     assert message in reply.meta["error"]["message"]
     conn.close()
     assert worker.call(add, 2, b=2) == 4
@@ -286,9 +287,9 @@ def test_only_memfds_sealed_against_shrinking_reach_the_worker(worker):
     conn = raw_client(worker, timeout=10)
     for fd, why in ((unsealed, "file descriptor 0 lacks the seals it must carry"),
                     (left.fileno(), "file descriptor 0 is not a sealable memfd")):
-        conn.send("request", 9, {"kind": "call"}, [b"\x93", runner.protocol.SharedRef(0, 0, 8)], [fd])
+        conn.send(protocol.REQUEST, 9, {"kind": "call"}, [b"\x93", runner.protocol.SharedRef(0, 0, 8)], [fd])
         reply = conn.recv()
-        assert reply.kind == "error" and "bad request: " + why in reply.meta["error"]["message"]
+        assert reply.kind == protocol.ERROR and "bad request: " + why in reply.meta["error"]["message"]
     os.close(unsealed)
     left.close()
     right.close()
@@ -300,7 +301,7 @@ def test_broken_framing_drops_only_that_connection(worker):
     conn = raw_client(worker, timeout=10)
     conn.sock.sendall(b"GARBAGE-GARBAGE-GARBAGE")
     reply = conn.recv()
-    assert reply.kind == "error" and "out of step" in reply.meta["error"]["message"]
+    assert reply.kind == protocol.ERROR and "out of step" in reply.meta["error"]["message"]
     with pytest.raises(runner.ProtocolError):
         conn.recv()
     conn.close()
