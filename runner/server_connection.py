@@ -59,18 +59,18 @@ class ServerConnection:
         """Send a message whose answer is ``expect``\\ ed. A send the server did not take
         unregisters it and raises ``WorkerCrashed`` (the next call recovers); any other
         failure (nothing went out) is raised as it is."""
-        self.leases.sending(request_id)
+        send = self.leases.sending(request_id)
         try:
             lease = self._conn.send(kind, request_id, meta, frames)
         except BaseException as exc:
-            self.leases.forget(request_id)
+            self.leases.forget(request_id, send)
             with self._lock:
                 self._pending.pop(request_id, None)
             if isinstance(exc, OSError):
                 raise self.mark_lost(f"lost the connection to the worker server at {self.socket_path}: {exc}") \
                     from None
             raise
-        self.leases.sent(request_id, lease)
+        self.leases.sent(send, lease)
 
     def post(self, kind: str) -> None:
         """Send a message that expects no answer (``stop`` on the way out)."""

@@ -50,6 +50,48 @@ def test_the_client_handle_and_the_workers_request_loop_have_different_names():
     assert not hasattr(runner.worker, "Worker") and hasattr(runner.worker, "RequestLoop")
 
 
+def _lease(table, size=4096):
+    buffer = table.pool.lease(size)
+    buffer.put(memoryview(bytes(size)))
+    return buffer
+
+
+def test_a_lease_ends_with_its_answer_whether_the_answer_or_the_send_returns_first():
+    from runner.leases import LeaseTable
+
+    table = LeaseTable()
+    try:
+        send = table.sending(1)
+        table.sent(send, _lease(table))
+        assert table.pool.stats()["leased"] == 1
+        table.answered(1)
+        assert table.pool.stats()["leased"] == 0
+        send = table.sending(2)       # the answer is read before the send returns its lease
+        table.answered(2)
+        table.sent(send, _lease(table))
+        assert table.pool.stats()["leased"] == 0
+    finally:
+        table.close()
+
+
+def test_a_resent_requests_lease_is_held_until_its_own_answer():
+    from runner.leases import LeaseTable
+
+    table = LeaseTable()
+    try:
+        # The first send is answered (a miss) and resent before it returns its lease.
+        first = table.sending(7)
+        table.answered(7)
+        second = table.sending(7)
+        table.sent(second, _lease(table))
+        table.sent(first, _lease(table))
+        assert table.pool.stats()["leased"] == 1   # the resend's, still in flight
+        table.answered(7)
+        assert table.pool.stats()["leased"] == 0
+    finally:
+        table.close()
+
+
 # -- one protocol vocabulary ----------------------------------------------------------------
 
 def _sent_kinds(path: pathlib.Path):
