@@ -120,14 +120,20 @@ def frame_table(frames: Sequence[memoryview]) -> list[list[int]]:
 
 def join(header: bytes, frames: Sequence[memoryview]) -> bytes:
     """The single-buffer form of a bundle: header, padding, aligned frames."""
+    return b"".join(join_parts(header, frames))
+
+
+def join_parts(header: bytes, frames: Sequence[memoryview]) -> list:
+    """The pieces ``join`` concatenates, uncopied, for a caller that puts more around them
+    in the same single copy."""
     parts, position = [header], len(header)
     for frame in frames:
         pad = aligned(position) - position
         if pad:
             parts.append(b"\0" * pad)
         parts.append(frame)
-        position += pad + frame.nbytes
-    return b"".join(parts)
+        position += pad + memoryview(frame).nbytes
+    return parts
 
 
 _HEADER_CHUNK = 64 * 1024

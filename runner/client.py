@@ -24,27 +24,18 @@ import capture
 import msgpack
 import sandbox
 
-from . import errors, shm
+from . import errors
 from .defaults import DEFAULT_POLICY, check_seconds
 from .errors import WorkerCrashed, rebuild
-from .handlers import MODEL, MODEL_TOKEN
+from .frames import Outcome, encode_call_frames, model_placeholder as _model_placeholder, model_token as _model_token, \
+    outcome_bytes, outcome_of, result_view
 from .owned_server import OwnedServer, listening
 from .protocol import (CLIENT, DEFAULT_SHM_THRESHOLD, ERROR, MISS, PING, REPLY, REQUEST, SERVER, STATUS, STOP,
-                       WAIT_READY, SharedRef, answers)
+                       WAIT_READY, answers)
 from .server_connection import ServerConnection
 from .source_memory import SourceMemory
 # How long a Worker connected to someone else's server waits for it to come back.
 DEFAULT_RECONNECT_SECONDS = 30.0
-
-
-def _model_token(obj: Any) -> str | None:
-    return MODEL_TOKEN if obj is MODEL else None
-
-
-def _model_placeholder(token: str) -> Any:
-    if token != MODEL_TOKEN:
-        raise capture.BundleError(f"unknown object token {token!r} in a result")
-    return MODEL
 
 
 def encode_call(fn: Callable, args: tuple = (), kwargs: dict | None = None, *, policy: Any = None) -> bytes:
@@ -53,10 +44,7 @@ def encode_call(fn: Callable, args: tuple = (), kwargs: dict | None = None, *, p
     ``policy`` is the worker's policy (what it can import; a spec or ``Policy``), which
     decides what travels as source. ``runner.MODEL`` in the arguments is the model.
     """
-    return capture.encode_variables(
-        {"fn": fn, "args": tuple(args), "kwargs": dict(kwargs or {})},
-        policy=_load_policy(policy) if policy is not None else None, persistent_id=_model_token,
-    ).to_bytes()
+    return encode_call_frames(fn, args, kwargs, policy=policy).to_bytes()
 
 
 def decode_result(data: bytes) -> Any:
@@ -64,6 +52,9 @@ def decode_result(data: bytes) -> Any:
 
     The outcome is read as data only (``capture.DATA_ONLY``): nothing in it runs here.
     """
+    view = result_view(data)  # our own outcome bytes: the bundle is read in place, not copied out
+    if view is not None:
+        return capture.loads(view, policy=capture.DATA_ONLY, persistent_load=_model_placeholder, label="result")
     try:
         outcome = msgpack.unpackb(data, raw=False)
     except Exception as exc:  # msgpack reports malformed input with assorted types
@@ -91,6 +82,7 @@ class _Pending:
     source_digests: tuple = ()         # every source segment the request names
     resent: bool = False               # sent again with all its text after a miss
     raw_reply: bool = False            # run_bytes: hand back the outcome bytes
+    outcome: bool = False              # run_frames: hand back the Outcome, decoding nothing
 
 
 class Worker:
@@ -205,17 +197,32 @@ class Worker:
         """
         return self._submit(kind, self.timeout if timeout is None else timeout, data=data).result()
 
+    def run_frames(self, header: Any, frames: Any = (), kind: str = "call", *,
+                   timeout: float | None = None) -> Outcome:
+        """Run a request given as a bundle's header and frames (``encode_call_frames``);
+        return the worker's answer as an ``Outcome``, undecoded.
+
+        The pass-through for job runners: nothing of the request or the answer is decoded
+        here, and no frame is copied beyond what the transport does for ``call``. A
+        ``miss`` is handed back too (the caller resends with every source text); runner
+        failures (a crash, a timeout) are ``error`` outcomes, like user errors.
+        """
+        return self._submit(kind, self.timeout if timeout is None else timeout, frames=[header, *frames]).result()
+
     def _submit(self, kind: str, timeout: float | None, *, encode: Callable | None = None,
-                data: bytes | None = None) -> concurrent.futures.Future:
-        """Send a request given as an ``encode`` function (frames form) or as bundle
-        bytes (``data``, bytes form: the reply is outcome bytes)."""
+                data: bytes | None = None, frames: list | None = None) -> concurrent.futures.Future:
+        """Send a request given as an ``encode`` function (frames form), as bundle bytes
+        (``data``, bytes form: the reply is outcome bytes) or as ready ``frames`` (the
+        reply is an ``Outcome``)."""
         self._recover_if_lost()
-        form = "frames" if data is None else "bytes"
-        meta = {"kind": kind, "form": form, "reply": form}
+        meta = {"kind": kind, "form": "frames" if data is None else "bytes", "reply": "frames"}
         if timeout is not None:
             meta["timeout"] = check_seconds(timeout, "timeout")
-        entry = _Pending(concurrent.futures.Future(), meta, [], encode=encode, raw_reply=data is not None)
-        if encode is None:
+        entry = _Pending(concurrent.futures.Future(), meta, [], encode=encode, raw_reply=data is not None,
+                         outcome=frames is not None)
+        if frames is not None:
+            entry.frames = frames
+        elif encode is None:
             entry.frames = [memoryview(data)]
         else:
             # Encoded here, so a CaptureError reaches the caller at once. The known set
@@ -279,6 +286,9 @@ class Worker:
         kind, future = message.kind, entry.future
         if kind in answers(CLIENT, SERVER, REQUEST):  # the worker stamps these with its store
             self._known.note_store(message.meta.get("sources"))
+        if entry.outcome and kind in answers(CLIENT, SERVER, REQUEST):
+            future.set_result(outcome_of(message))
+            return
         if kind == MISS:
             self._miss(message, entry)
             return
@@ -300,16 +310,13 @@ class Worker:
             future.set_result(message.meta)
 
     def _decode(self, message, entry: _Pending) -> Any:
-        # Inline frames borrow the receive buffer: they get a private copy. Frames in
-        # memfds become the result's memory without a copy: sealed by the worker, mapped
-        # copy-on-write here, and unmapped when nothing views them any more.
-        shared = iter(shm.map_result(message.shared(), message.fds))
-        views = [next(shared) if isinstance(frame, SharedRef) else memoryview(bytearray(frame))
-                 for frame in message.frames]
+        # Frames in memfds become the result's memory without a copy: sealed by the worker,
+        # mapped copy-on-write here, and unmapped when nothing views them any more.
+        outcome = outcome_of(message)
         if entry.raw_reply:
-            return msgpack.packb({"result": bytes(views[0])}, use_bin_type=True)
-        return capture.decode(views[0], views[1:], policy=capture.DATA_ONLY, persistent_load=_model_placeholder,
-                              label="result")
+            return outcome_bytes(outcome)  # the one copy a bytes API forces
+        return capture.decode(outcome.frames[0], outcome.frames[1:], policy=capture.DATA_ONLY,
+                              persistent_load=_model_placeholder, label="result")
 
     def _miss(self, message, entry: _Pending) -> None:
         missing = message.meta.get("missing")
