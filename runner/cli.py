@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="log the worker's full sandbox report at each start, not only the one-line summary "
                             "(the report is also in `python -m runner status`)")
     serve.add_argument("--test-only-trust-worker-channel", action="store_true", help=argparse.SUPPRESS)
+    # Ray is an optional extra: its subcommands are parsed by runner.ray (docs/SCALE.md).
+    ray = commands.add_parser("ray", help="replicas on a Ray cluster: up|down|status (python -m runner ray --help)",
+                              add_help=False)
+    ray.add_argument("arguments", nargs=argparse.REMAINDER)
     for name, text in (("status", "print a worker server's status"), ("stop", "stop a worker server")):
         command = commands.add_parser(name, help=text)
         command.add_argument("socket", help="the server's socket path")
@@ -150,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "ray":
+            from .ray import main as ray_main
+
+            return ray_main(args.arguments)
         if args.command == "status":
             status = _ask(args.socket, STATUS)
             if args.json:

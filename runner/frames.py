@@ -21,7 +21,8 @@ import capture
 from capture import format as capture_format
 
 from . import shm
-from .errors import RunnerError, rebuild
+from .errors import (BUSY, CRASHED, MEMORY, RUNNER, START, STOPPED, TIMEOUT, MemoryLimitExceeded, RequestTimeout,
+                     RunnerError, ServerBusy, WorkerCrashed, WorkerStartError, WorkerStopped, cut, failure, rebuild)
 from .handlers import MODEL, MODEL_TOKEN
 # The kinds of ``Outcome`` are the answers to a request: the value's bundle, a failure, or
 # a request for source text.
@@ -95,6 +96,20 @@ def decode_outcome(outcome: Outcome) -> Any:
         raise ValueError(f"not an outcome of a call: kind {outcome.kind!r} with {len(outcome.frames)} frame(s)")
     return capture.decode(outcome.frames[0], outcome.frames[1:], policy=capture.DATA_ONLY,
                           persistent_load=model_placeholder, label="result")
+
+
+def failure_outcome(exc: BaseException) -> Outcome:
+    """An ``error`` Outcome for a failure of the runner itself around a request (a lost
+    connection, a busy or stopped server), so a relay hands it back like any other
+    outcome and ``decode_outcome`` raises it as the same type."""
+    for cls, category in ((RequestTimeout, TIMEOUT), (MemoryLimitExceeded, MEMORY), (WorkerCrashed, CRASHED),
+                          (WorkerStopped, STOPPED), (ServerBusy, BUSY), (WorkerStartError, START)):
+        if isinstance(exc, cls):
+            extra = {"returncode": exc.returncode, "stderr_tail": cut(exc.stderr_tail)} \
+                if isinstance(exc, WorkerCrashed) else {}
+            message = exc.reason if isinstance(exc, WorkerCrashed) else str(exc)
+            return Outcome(ERROR, {"error": failure(category, cut(message), **extra)})
+    return Outcome(ERROR, {"error": failure(RUNNER, cut(f"{type(exc).__name__}: {exc}"))})
 
 
 def outcome_of(message: Any) -> Outcome:

@@ -1,0 +1,396 @@
+"""sourcebox on a Ray cluster (docs/SCALE.md): Ray places, names and restarts; sourcebox
+carries the code and keeps the boundary.
+
+- ``SandboxActor``: one per model replica, named ``sourcebox/<model>/<i>``. It starts one
+  ``python -m runner serve`` child (a socket in a private directory; the child stops when
+  the actor's process is gone) and relays bundle frames to it over one authenticated
+  connection per tenant. It never decodes user code and never runs it: user code runs
+  only in the confined worker under that server.
+- ``deploy`` / ``undeploy`` / ``replicas``, and ``python -m runner ray up|down|status``.
+- ``RayExecutor``: a ``concurrent.futures.Executor`` that encodes calls here, routes them by
+  model across the replicas, and decodes the outcomes here as data only.
+
+Only uint8 numpy arrays (the bundle's header and frames), strings, numbers and plain maps
+cross Ray: Ray's cloudpickle never sees a user function, class or module.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import getpass
+import glob
+import itertools
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Container
+
+import capture
+import numpy
+import ray
+import ray.exceptions
+
+from . import errors, shm
+from .client import Worker, _load_policy
+from .frames import MISS, REPLY, Outcome, decode_outcome, encode_call_frames, failure_outcome, model_token
+
+NAMESPACE = "sourcebox"
+_PREFIX = "sourcebox/"
+# Threads of one actor serving calls at once: enough for every tenant's queue to reach the
+# server, whose per-client round robin is what makes tenants fair.
+DEFAULT_MAX_CONCURRENCY = 64
+# What tells a call failed because its replica went away (died, restarting, node lost),
+# so it may run again elsewhere: never the worker's own failures, which come back as outcomes.
+_REPLICA_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+
+
+def actor_name(model: str, index: int) -> str:
+    return f"{_PREFIX}{model}/{index}"
+
+
+def _as_array(frame: Any) -> numpy.ndarray:
+    """A frame as a flat uint8 array over the same memory (Ray moves these without pickling
+    their bytes, and reads them back zero-copy out of its object store)."""
+    view = memoryview(frame)
+    return numpy.frombuffer(view if view.format == "B" and view.ndim == 1 else view.cast("B"), dtype=numpy.uint8)
+
+
+class SandboxActor:
+    """One model replica: a worker server in a child process, relayed to by frames.
+
+    Made by ``deploy`` (as a Ray actor class); ``worker_options`` go to ``runner.Worker``
+    (``timeout``, ``memory_limit``, ``confine``, ``threads``, ``device``...). Ray's
+    ``num_gpus`` sets ``CUDA_VISIBLE_DEVICES`` here, which the server and its worker inherit.
+    """
+
+    def __init__(self, model: str, policy: Any = None, worker_options: dict | None = None):
+        self.model = model
+        _sweep_orphan_dirs()
+        # Mode 0700, named after this process so a later actor removes it once we are gone.
+        self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
+        self._socket = os.path.join(self._dir, "worker.sock")
+        # The owner connection starts the server (secret through a pipe, --owner this pid)
+        # and restarts it should it die; tenants connect beside it.
+        self._owner = Worker(model=model, policy=policy, socket=self._socket, **(worker_options or {}))
+        self._tenants: dict[str, Worker] = {}
+        self._lock = threading.Lock()
+        self._requests = 0
+
+    def _connection(self, tenant: str) -> Worker:
+        with self._lock:
+            worker = self._tenants.get(tenant)
+            if worker is None:
+                worker = self._tenants[tenant] = Worker(socket=self._socket)
+            return worker
+
+    def run(self, tenant: str, kind: str, header: numpy.ndarray, frames: list, timeout: float | None = None):
+        """Relay one request; return the outcome as ``(kind, meta, frames)``, frames as arrays."""
+        with self._lock:
+            self._requests += 1
+        try:
+            outcome = self._connection(str(tenant)).run_frames(header, frames, kind, timeout=timeout)
+        except Exception as exc:  # the connection, not the request: report it, recover for the next
+            outcome = failure_outcome(exc)
+            if isinstance(exc, errors.WorkerCrashed):
+                self._revive()
+        return outcome.kind, outcome.meta, [_as_array(frame) for frame in outcome.frames]
+
+    def _revive(self) -> None:
+        """After a lost connection: the owner restarts the server if it died, so tenants
+        reconnect on their next call."""
+        try:
+            self._owner.ping()
+        except errors.RunnerError:
+            pass  # the next call reports what is wrong
+
+    def info(self) -> dict:
+        """Who and where this replica is, and its server's state."""
+        status = self._owner.status()
+        return {"model": self.model, "actor_pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(), "socket": self._socket,
+                "server_pid": status.get("server_pid"), "worker_pid": status.get("worker_pid"),
+                "policy": self._owner.info.get("policy"), "requests": self._requests,
+                "tenants": sorted(self._tenants), "restarts": status.get("restarts"), "queued": status.get("queued")}
+
+    def modules(self) -> list[str]:
+        """The names of the modules this actor process has imported (user code never is one)."""
+        return sorted(sys.modules)
+
+
+
+_DIR_PREFIX = "sourcebox-ray-"
+
+
+def _sweep_orphan_dirs() -> None:
+    """Remove socket directories of actors that were killed (as the supervisor sweeps the
+    scratch directories of killed servers)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), _DIR_PREFIX + "*")):
+        pid = os.path.basename(path)[len(_DIR_PREFIX):].partition("-")[0]
+        if pid.isdigit() and not shm.alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _connect(address: str | None = None) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+
+
+def replicas(model: str, *, namespace: str = NAMESPACE, address: str | None = None) -> list[str]:
+    """Names of the deployed replicas of ``model`` (``sourcebox/<model>/<i>``), in index order."""
+    _connect(address)
+    return _names(model, namespace)
+
+
+def _names(model: str, namespace: str) -> list[str]:
+    prefix = f"{_PREFIX}{model}/"
+    names = [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+             if entry["namespace"] == namespace and entry["name"].startswith(prefix)
+             and entry["name"][len(prefix):].isdigit()]
+    return sorted(names, key=lambda name: int(name[len(prefix):]))
+
+
+def deploy(model: str, *, replicas: int = 1, num_gpus: float = 0, resources: dict | None = None,
+           policy: Any = None, detached: bool = False, namespace: str = NAMESPACE, address: str | None = None,
+           worker_options: dict | None = None, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+           **actor_options: Any) -> list[str]:
+    """Make ``replicas`` actors for ``model`` (more are stopped, existing ones kept) and wait
+    until each one's worker is ready; return their names.
+
+    ``num_gpus``/``resources``: what each replica holds (Ray picks the node and sets
+    ``CUDA_VISIBLE_DEVICES``). ``policy``: the worker's policy (a profile name or file).
+    ``detached``: the replicas outlive this driver (``python -m runner ray up`` uses it).
+    ``actor_options``: more Ray actor options (``scheduling_strategy``...). Replicas restart
+    without limit (``max_restarts=-1``); a restarted one starts a fresh server.
+    """
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
+    _connect(address)
+    cls = ray.remote(SandboxActor)
+    handles = []
+    for index in range(replicas):
+        options = dict(name=actor_name(model, index), namespace=namespace, get_if_exists=True,
+                       max_restarts=-1, max_task_retries=0, max_concurrency=max_concurrency,
+                       num_cpus=0, num_gpus=num_gpus, resources=resources or {}, **actor_options)
+        if detached:
+            options["lifetime"] = "detached"
+        handles.append(cls.options(**options).remote(model, policy, worker_options))
+    ray.get([handle.info.remote() for handle in handles])  # each replica's worker is ready
+    names = [actor_name(model, index) for index in range(replicas)]
+    if not detached:  # Ray stops an attached actor once no handle to it is left
+        _held.update({(namespace, name): handle for name, handle in zip(names, handles)})
+    for name in _names(model, namespace)[replicas:]:
+        _stop(name, namespace)
+    return names
+
+
+# Handles of the attached replicas this driver deployed: they live as long as it does.
+_held: dict[tuple[str, str], Any] = {}
+
+
+def _stop(name: str, namespace: str) -> None:
+    _held.pop((namespace, name), None)
+    try:
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    except ValueError:
+        pass  # gone meanwhile
+
+
+def undeploy(model: str, *, namespace: str = NAMESPACE, address: str | None = None) -> int:
+    """Stop every replica of ``model``; return how many there were. Their servers stop with them."""
+    names = replicas(model, namespace=namespace, address=address)
+    for name in names:
+        _stop(name, namespace)
+    return len(names)
+
+
+def _default_tenant() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no name for this uid (a container)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+class RayExecutor(concurrent.futures.Executor):
+    """A ``concurrent.futures.Executor`` whose work runs in sourcebox replicas on Ray.
+
+    ``model``: which deployment (``deploy``) to use; calls go to the replica with the fewest
+    of this executor's calls in flight. ``tenant``: whose calls these are (default
+    ``user@host``); each tenant gets its own connection inside each actor, so the server's
+    per-client round robin is fair between researchers. ``max_in_flight``: calls this
+    executor has at the replicas at once (the rest wait here, where ``cancel()`` works).
+    ``retries``: how often a call runs again when its replica died or became unreachable
+    before answering: delivery is at least once, so a call may run twice (make calls with
+    side effects outside the worker idempotent). A call is never retried when the worker
+    itself failed on it (``WorkerCrashed``, ``RequestTimeout``, ``MemoryLimitExceeded``): a
+    poison request must not take down every replica. ``timeout``: seconds a call may run.
+    """
+
+    def __init__(self, model: str = "tiny-gpt2", *, tenant: str | None = None, max_in_flight: int = 8,
+                 retries: int = 2, address: str | None = None, namespace: str = NAMESPACE,
+                 timeout: float | None = None):
+        if max_in_flight < 1 or retries < 0:
+            raise ValueError("max_in_flight must be at least 1 and retries at least 0")
+        _connect(address)
+        self.model, self.namespace, self.retries, self.timeout = model, namespace, retries, timeout
+        self.tenant = tenant if tenant is not None else _default_tenant()
+        self._lock = threading.Lock()
+        self._handles: dict[str, Any] = {}
+        self._in_flight: dict[str, int] = {}
+        self._known: dict[str, tuple[str | None, set]] = {}  # replica -> (store id, digests it holds)
+        self._turn = itertools.count()
+        self._refresh()
+        info = ray.get(self._handles[next(iter(self._handles))].info.remote())
+        #: The replicas' policy: what travels as source (``runner.nnsight.install`` reads it).
+        self.policy = _load_policy(info.get("policy"))
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix="ray-executor")
+
+    def _refresh(self) -> None:
+        names = _names(self.model, self.namespace)
+        if not names:
+            raise errors.RunnerError(
+                f"no replicas of model {self.model!r} are deployed in Ray namespace {self.namespace!r}; "
+                f"deploy some first: runner.ray.deploy({self.model!r}) or python -m runner ray up {self.model}")
+        with self._lock:
+            for name in names:
+                if name not in self._handles:
+                    self._handles[name] = ray.get_actor(name, namespace=self.namespace)
+                    self._in_flight.setdefault(name, 0)
+            for name in set(self._handles) - set(names):
+                del self._handles[name]
+
+    # -- the Executor interface ---------------------------------------------------------
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        """Run ``fn(*args, **kwargs)`` in a replica's worker; a Future of its result."""
+        def encode(known: Container[str]) -> capture.Bundle:
+            return encode_call_frames(fn, args, kwargs, policy=self.policy, known_sources=known)
+
+        return self._pool.submit(self._run, "call", encode, self.timeout)
+
+    def request(self, kind: str, payload: Any, *, timeout: float | None = None) -> Any:
+        """Send ``payload`` to the handler of request ``kind`` and return its result (as
+        ``Worker.request``; ``runner.nnsight.install(executor)`` sends traces this way)."""
+        def encode(known: Container[str]) -> capture.Bundle:
+            return capture.encode(payload, policy=self.policy, persistent_id=model_token, label="payload",
+                                  known_sources=known)
+
+        return self._pool.submit(self._run, kind, encode, self.timeout if timeout is None else timeout).result()
+
+    def run_frames(self, header: Any, frames: Any = (), kind: str = "call", *, timeout: float | None = None) -> Outcome:
+        """Relay a request encoded elsewhere (``encode_call_frames``, or ``capture`` on a
+        client without ``runner``) and return the ``Outcome`` undecoded, as
+        ``Worker.run_frames`` does. Retried on a lost replica like ``submit``; a ``miss`` is
+        handed back (bytes from elsewhere cannot be encoded again here)."""
+        bundle = capture.Bundle(bytes(header), [memoryview(frame) for frame in frames])
+        return self._pool.submit(self._run, kind, lambda known: bundle, timeout, False).result()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    # -- one call -------------------------------------------------------------------------
+    def _run(self, kind: str, encode: Callable[[Container[str]], capture.Bundle], timeout: float | None,
+             decode: bool = True) -> Any:
+        failures, resent = 0, False
+        while True:
+            name = self._pick()
+            try:
+                outcome = self._send(name, kind, encode, timeout, full=resent)
+            except _REPLICA_LOST as exc:
+                failures += 1
+                if failures > self.retries:
+                    raise errors.WorkerCrashed(
+                        f"replica {name} was lost {failures} time(s) running this call "
+                        f"({type(exc).__name__}); gave up after {self.retries} retries") from exc
+                self._forget(name)
+                time.sleep(min(0.25 * 2 ** failures, 4.0))  # give Ray time to restart or reschedule it
+                self._refresh()
+                continue
+            finally:
+                with self._lock:
+                    self._in_flight[name] = self._in_flight.get(name, 1) - 1
+            if outcome.kind == MISS and decode and not resent:
+                resent = True  # a restarted replica remembers nothing: send every text again
+                continue
+            return decode_outcome(outcome) if decode else outcome
+
+    def _pick(self) -> str:
+        with self._lock:
+            turn = next(self._turn)
+            names = sorted(self._handles)
+            name = min(names, key=lambda n: (self._in_flight[n], (names.index(n) - turn) % len(names)))
+            self._in_flight[name] += 1
+            return name
+
+    def _send(self, name: str, kind: str, encode: Callable, timeout: float | None, *, full: bool) -> Outcome:
+        with self._lock:
+            store, known = self._known.get(name, (None, set()))
+            known = () if full else set(known)
+        bundle = encode(known)
+        header, frames = _as_array(bundle.header), [_as_array(frame) for frame in bundle.frames]
+        kind_back, meta, frames_back = ray.get(self._handles[name].run.remote(self.tenant, kind, header, frames, timeout))
+        if kind_back == REPLY:
+            self._note(name, meta.get("sources"), bundle.source_digests)
+        elif kind_back == MISS:
+            self._forget(name)
+        return Outcome(kind_back, meta, frames_back)
+
+    def _note(self, name: str, sources: Any, digests: list) -> None:
+        store_id = sources.get("id") if isinstance(sources, dict) else None
+        with self._lock:
+            store, known = self._known.get(name, (None, set()))
+            if store_id != store:
+                known = set()
+            self._known[name] = (store_id, known | set(digests))
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._known.pop(name, None)
+
+    def __repr__(self) -> str:
+        return f"<runner.RayExecutor model {self.model!r} tenant {self.tenant!r} replicas {sorted(self._handles)}>"
+
+
+# -- python -m runner ray up|down|status ---------------------------------------------------
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner ray", description="sourcebox replicas on a Ray cluster")
+    parser.add_argument("--address", default=None, help="the Ray cluster (default: RAY_ADDRESS, else a running local one)")
+    parser.add_argument("--namespace", default=NAMESPACE, help=f"Ray namespace of the replicas (default {NAMESPACE})")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="deploy detached replicas of a model and wait until they are ready")
+    up.add_argument("model", help="tiny-gpt2, a Hugging Face directory on the nodes, or 'none'")
+    up.add_argument("--replicas", type=int, default=1)
+    up.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica")
+    up.add_argument("--policy", default=None, help="the workers' policy: a profile name or policy file")
+    down = commands.add_parser("down", help="stop every replica of a model")
+    down.add_argument("model")
+    status = commands.add_parser("status", help="print the replicas of a model (or of every model) and their servers")
+    status.add_argument("model", nargs="?", default=None)
+    status.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    _connect(args.address)
+    if args.command == "up":
+        names = deploy(args.model, replicas=args.replicas, num_gpus=args.num_gpus, policy=args.policy,
+                       detached=True, namespace=args.namespace)
+        print(f"{len(names)} replica(s) of {args.model} ready: {', '.join(names)}")
+        return 0
+    if args.command == "down":
+        print(f"stopped {undeploy(args.model, namespace=args.namespace)} replica(s) of {args.model}")
+        return 0
+    names = replicas(args.model, namespace=args.namespace) if args.model else sorted(
+        entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["namespace"] == args.namespace and entry["name"].startswith(_PREFIX))
+    found = {name: ray.get(ray.get_actor(name, namespace=args.namespace).info.remote()) for name in names}
+    if args.json:
+        print(json.dumps(found, indent=2, default=str))
+    else:
+        for name, info in found.items():
+            print(f"{name}: node {info['node_ip']} actor pid {info['actor_pid']} server pid {info['server_pid']} "
+                  f"worker pid {info['worker_pid']} requests {info['requests']}")
+        if not found:
+            print("no sourcebox replicas deployed", file=sys.stderr)
+    return 0
