@@ -150,14 +150,15 @@ def _ask(path: str, kind: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ray"]:  # its options are runner.ray's own (argparse would claim them here)
+        from .ray import main as ray_main
+
+        return ray_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
-        if args.command == "ray":
-            from .ray import main as ray_main
-
-            return ray_main(args.arguments)
         if args.command == "status":
             status = _ask(args.socket, STATUS)
             if args.json:

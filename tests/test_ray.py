@@ -5,7 +5,6 @@ process talks on 127.0.0.0/8 only: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes
 127.0.0.1 instead of the host's interface address, there is no dashboard, and
 authentication is off for this test cluster only (``RAY_AUTH_MODE=disabled``).
 """
-import ipaddress
 import json
 import os
 import shutil
@@ -22,20 +21,19 @@ import numpy
 import psutil
 import pytest
 
+from ray_support import inet_addresses, stop_descendants  # first: the test clusters' environment
+
 ray = pytest.importorskip("ray")
 
 import runner  # noqa: E402
 import runner.nnsight as sourcebox_nnsight  # noqa: E402
 from runner import ray as sourcebox_ray  # noqa: E402
-from runner_support import environment, wait_until  # noqa: E402
+from runner_support import wait_until  # noqa: E402
 
 from test_capture_xver import OTHER_MINORS, interpreter_for, venv_with_msgpack  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "sourcebox-tests"
-# Only for these loopback test clusters: no authentication, no usage reporting.
-RAY_TEST_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-                "RAY_USAGE_STATS_ENABLED": "0"}
 
 USER_MODULE = '''\
 import sys
@@ -100,18 +98,16 @@ def user(tmp_path_factory):
 def cluster():
     """A one-node loopback Ray cluster for this module; its processes are gone afterwards."""
     temp = tempfile.mkdtemp(prefix="sbxray-", dir="/tmp")  # Ray's socket paths must stay short
-    with environment(**RAY_TEST_ENV):
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, namespace=NAMESPACE, log_to_driver=False)
-        try:
-            yield ray.get_runtime_context().gcs_address
-        finally:
-            ours = psutil.Process().children(recursive=True)
-            ray.shutdown()
-            psutil.wait_procs(ours, timeout=30)
-            for process in ours:
-                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                    process.kill()
-            shutil.rmtree(temp, ignore_errors=True)
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        assert address.startswith("127.0.0.1:"), address
+        yield address
+    finally:
+        ours = psutil.Process().children(recursive=True)
+        ray.shutdown()
+        stop_descendants(ours)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -301,21 +297,7 @@ def test_nnsight_remote_local_goes_through_the_executor(two_models):
 
 
 def test_every_connection_of_ray_stays_on_loopback(two_models):
-    seen, outside = 0, []
-    for process in psutil.Process().children(recursive=True):
-        try:
-            connections = process.net_connections(kind="inet")
-        except psutil.Error:
-            continue
-        for connection in connections:
-            for address in (connection.laddr, connection.raddr):
-                if not address:
-                    continue
-                seen += 1
-                ip = ipaddress.ip_address(address.ip)
-                ip = getattr(ip, "ipv4_mapped", None) or ip
-                if not (ip.version == 4 and ip in ipaddress.ip_network("127.0.0.0/8")):
-                    outside.append((process.name(), connection))
+    seen, outside = inet_addresses(listening=True)
     assert seen > 10 and outside == []
 
 
@@ -382,7 +364,7 @@ def test_a_client_on_another_python_calls_a_replica_through_ray(plain, tmp_path)
 
 
 def test_cli_up_status_down(cluster):
-    env = dict(os.environ, **RAY_TEST_ENV, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
 
     def cli(*arguments):
         done = subprocess.run([sys.executable, "-m", "runner", "ray", "--address", cluster, "--namespace", "sbx-cli",
