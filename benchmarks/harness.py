@@ -9,7 +9,7 @@ import tempfile
 import traceback
 from typing import Any, Callable
 
-from . import hygiene, machine, plots, report, serialization, targets, traces, transport
+from . import hygiene, jobrunners, machine, plots, report, serialization, targets, traces, transport
 from .measure import Progress
 from .settings import Settings
 from .usercode import write_and_import
@@ -40,6 +40,8 @@ def run(settings: Settings, progress: Progress) -> dict:
         results["traces"] = _phase(results, "traces", {"status": "failed"},
                                    lambda: traces.run(user, settings, progress))
     results["hygiene"] = _phase(results, "hygiene", {"status": "failed"}, lambda: hygiene.run(settings, progress))
+    results["jobrunners"] = _phase(results, "jobrunners", {"status": "failed"},
+                                   lambda: jobrunners.run(settings, progress))
     results["duration_s"] = progress.elapsed()
     results["machine"]["load_average_at_end"] = machine.load_average()
     results["targets"] = targets.judge(results)

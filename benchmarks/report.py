@@ -6,7 +6,7 @@ same text, so RESULTS.md can be regenerated from latest.json at any time
 """
 from __future__ import annotations
 
-from . import baselines, serialization, targets, traces, transport
+from . import baselines, jobrunners, serialization, targets, traces, transport
 from .format import bytes_text, ratio_stats_text, ratio_text, stats_text, time_text
 
 _VERDICT_MARK = {targets.MET: "met", targets.MISSED: "**missed**", targets.NOT_MEASURED: "not measured"}
@@ -30,6 +30,7 @@ def markdown(results: dict, plot_dir: str | None, plots: list[str]) -> str:
     lines += _worker(results)
     lines += _traces(results)
     lines += _hygiene(results)
+    lines += jobrunners.markdown(results.get("jobrunners"))
     if plots:
         lines += ["## Plots", ""]
         for name in plots:
