@@ -42,7 +42,11 @@ def inet_addresses(*, listening: bool = True) -> tuple[int, list]:
 
 
 def stop_descendants(processes: list, timeout: float = 30) -> None:
-    """Wait for processes a test cluster started to exit after its shutdown; kill stragglers."""
+    """Wait for processes a test cluster started to exit after its shutdown; kill stragglers;
+    then remove the socket directories their actors left (``runner.ray`` sweeps those of dead
+    actors when the next one starts; after the last test there is none)."""
+    from runner import ray as sourcebox_ray
+
     psutil.wait_procs(processes, timeout=timeout)
     for process in processes:
         try:
@@ -50,3 +54,5 @@ def stop_descendants(processes: list, timeout: float = 30) -> None:
                 process.kill()
         except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(processes, timeout=5)
+    sourcebox_ray._sweep_orphan_dirs()
