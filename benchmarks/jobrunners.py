@@ -11,6 +11,7 @@ The Ray cluster is a throwaway one on loopback (no dashboard), started and stopp
 """
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import sys
@@ -44,7 +45,9 @@ def run(settings: Settings, progress: Progress) -> dict:
         import importlib
 
         user = importlib.import_module(_USER_MODULE)
-        results = {"status": "ok", "paths": _paths(user, settings, progress)}
+        started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        results = {"status": "ok", "started_at": started_at, "load_average_at_start": os.getloadavg()[0],
+                   "paths": _paths(user, settings, progress)}
         try:
             import ray  # noqa: F401  (the optional extra)
         except ImportError as error:
@@ -144,7 +147,8 @@ def markdown(results: dict | None) -> list[str]:
     lines = ["## Job runners: frames, bytes and Ray", ""]
     if not results or results.get("status") != "ok":
         return lines + [f"Not measured: {(results or {}).get('reason', 'not run')}", ""]
-    lines += ["Client paths a job runner can use, one `identity` call each (median (min-max); ratio to "
+    lines += [f"Measured from {results['started_at']} (load average {results['load_average_at_start']:.1f} at the "
+              "start). Client paths a job runner can use, one `identity` call each (median (min-max); ratio to "
               "`Worker.call` round by round):", ""]
     rows = []
     for entry in results["paths"]:

@@ -192,7 +192,7 @@ def test_the_actor_is_unconfined_the_worker_confined_and_an_escape_is_refused(pl
     assert target.read_text() == "escaped"
 
 
-def test_a_64_mib_identity_call_is_correct_and_near_a_direct_call(plain, user):
+def test_a_64_mib_identity_call_is_correct_and_its_cost_against_a_direct_call_is_reported(plain, user):
     value = numpy.random.default_rng(0).integers(0, 255, 64 << 20, dtype=numpy.uint8)
     through_ray, direct = [], []
     with executor() as pool, runner.Worker(model="none") as worker:
