@@ -38,6 +38,7 @@ import ray.exceptions
 from . import errors, shm
 from .client import Worker, _load_policy
 from .frames import MISS, REPLY, Outcome, decode_outcome, encode_call_frames, failure_outcome, model_token
+from .owned_server import listening
 
 NAMESPACE = "sourcebox"
 _PREFIX = "sourcebox/"
@@ -76,7 +77,8 @@ class SandboxActor:
         self._socket = os.path.join(self._dir, "worker.sock")
         # The owner connection starts the server (secret through a pipe, --owner this pid)
         # and restarts it should it die; tenants connect beside it.
-        self._owner = Worker(model=model, policy=policy, socket=self._socket, **(worker_options or {}))
+        self._options = dict(model=model, policy=policy, **(worker_options or {}))
+        self._owner = Worker(socket=self._socket, **self._options)
         self._tenants: dict[str, Worker] = {}
         self._lock = threading.Lock()
         self._requests = 0
@@ -85,7 +87,11 @@ class SandboxActor:
         with self._lock:
             worker = self._tenants.get(tenant)
             if worker is None:
-                worker = self._tenants[tenant] = Worker(socket=self._socket)
+                if not listening(self._socket):
+                    self._revive()  # the owner starts the server again; tenants only connect
+                # Same options as the owner's: should the server die in between, the one this
+                # starts in its place is the same worker.
+                worker = self._tenants[tenant] = Worker(socket=self._socket, **self._options)
             return worker
 
     def run(self, tenant: str, kind: str, header: numpy.ndarray, frames: list, timeout: float | None = None):

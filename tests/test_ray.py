@@ -204,6 +204,13 @@ def test_a_64_mib_identity_call_is_correct_and_its_cost_against_a_direct_call_is
             started = time.perf_counter()
             assert numpy.array_equal(worker.call(user.identity, value), value)
             direct.append(time.perf_counter() - started)
+        # Ray hands the outcome's frames over as read-only views of its object store: not copies.
+        bundle = runner.encode_call_frames(user.identity, (value,), policy=pool.policy)
+        outcome = pool.run_frames(bundle.header, bundle.frames)
+        large = max(outcome.frames, key=len)
+        assert len(large) == value.nbytes and not large.flags.writeable and not large.flags.owndata
+    # Reported, not asserted (no timing assertions on this shared machine): the issue asks for
+    # at most 2x; Ray adds three copies of the bytes to Worker.call's two (docs/SCALE.md).
     ratio = sorted(through_ray)[1] / sorted(direct)[1]
     print(f"64 MiB identity: RayExecutor {sorted(through_ray)[1] * 1e3:.0f} ms, Worker.call "
           f"{sorted(direct)[1] * 1e3:.0f} ms, ratio {ratio:.2f}")
