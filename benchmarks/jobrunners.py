@@ -12,6 +12,8 @@ The Ray cluster is a throwaway one on loopback (no dashboard), started and stopp
 from __future__ import annotations
 
 import datetime
+import importlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -42,18 +44,14 @@ def run(settings: Settings, progress: Progress) -> dict:
     try:
         with open(os.path.join(directory, f"{_USER_MODULE}.py"), "w") as handle:
             handle.write(_USER_SOURCE)
-        import importlib
-
         user = importlib.import_module(_USER_MODULE)
         started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         results = {"status": "ok", "started_at": started_at, "load_average_at_start": os.getloadavg()[0],
                    "paths": _paths(user, settings, progress)}
-        try:
-            import ray  # noqa: F401  (the optional extra)
-        except ImportError as error:
-            results["ray"] = {"status": "failed", "reason": f"ray is not installed ({error}): pip install sourcebox[ray]"}
+        if importlib.util.find_spec("ray") is None:  # the optional extra
+            results["ray"] = {"status": "failed", "reason": "ray is not installed: pip install sourcebox[ray]"}
         else:
-            results["ray"] = _ray(user, settings, progress, directory)
+            results["ray"] = _ray(user, settings, progress)
         return results
     finally:
         sys.path.remove(directory)
@@ -95,7 +93,7 @@ def _paths(user: Any, settings: Settings, progress: Progress) -> list[dict]:
     return entries
 
 
-def _ray(user: Any, settings: Settings, progress: Progress, directory: str) -> dict:
+def _ray(user: Any, settings: Settings, progress: Progress) -> dict:
     # Read by Ray when it is imported: a one-node cluster on 127.0.0.1 only.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -364,7 +364,9 @@ class RayExecutor(concurrent.futures.Executor):
 # -- python -m runner ray up|down|status ---------------------------------------------------
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner ray", description="sourcebox replicas on a Ray cluster")
-    parser.add_argument("--address", default=None, help="the Ray cluster (default: RAY_ADDRESS, else a running local one)")
+    parser.add_argument("--address", default="auto",
+                        help="the Ray cluster to join (default: auto, the RAY_ADDRESS variable or the cluster "
+                             "`ray start` began on this machine)")
     parser.add_argument("--namespace", default=NAMESPACE, help=f"Ray namespace of the replicas (default {NAMESPACE})")
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="deploy detached replicas of a model and wait until they are ready")
