@@ -128,7 +128,6 @@ class SandboxActor:
         return sorted(sys.modules)
 
 
-
 _DIR_PREFIX = "sourcebox-ray-"
 
 
@@ -179,9 +178,10 @@ def deploy(model: str, *, replicas: int = 1, num_gpus: float = 0, resources: dic
     cls = ray.remote(SandboxActor)
     handles = []
     for index in range(replicas):
-        options = dict(name=actor_name(model, index), namespace=namespace, get_if_exists=True,
-                       max_restarts=-1, max_task_retries=0, max_concurrency=max_concurrency,
-                       num_cpus=0, num_gpus=num_gpus, resources=resources or {}, **actor_options)
+        # No CPU reserved by default: the worker's threads are set by worker_options' threads.
+        options = {"num_cpus": 0, **actor_options, "name": actor_name(model, index), "namespace": namespace,
+                   "get_if_exists": True, "max_restarts": -1, "max_task_retries": 0,
+                   "max_concurrency": max_concurrency, "num_gpus": num_gpus, "resources": resources or {}}
         if detached:
             options["lifetime"] = "detached"
         handles.append(cls.options(**options).remote(model, policy, worker_options))
