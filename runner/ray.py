@@ -40,6 +40,11 @@ from .client import Worker, _load_policy
 from .frames import MISS, REPLY, Outcome, decode_outcome, encode_call_frames, failure_outcome, model_token
 from .owned_server import listening
 
+# Ray's tqdm support replaces builtins.print in a driver once Ray prints anything there; a
+# researcher's function that prints would then name Ray's function, which the worker does
+# not have. Read when Ray first prints, so setting it here (before any cluster) suffices.
+os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
+
 NAMESPACE = "sourcebox"
 _PREFIX = "sourcebox/"
 # Threads of one actor serving calls at once: enough for every tenant's queue to reach the

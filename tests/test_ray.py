@@ -72,6 +72,11 @@ def worker_pid():
     return os.getpid()
 
 
+def chatty(text):
+    print("worker says", text)
+    return text.upper()
+
+
 def tagged(tag, seconds):
     time.sleep(seconds)
     return tag, time.monotonic()
@@ -258,6 +263,16 @@ def test_two_tenants_take_turns_at_one_replica(plain, user):
     order = [tag for tag, _ in finished]
     alice_done = [tag for tag in order if tag.startswith("alice")]
     assert order.index("bob") < order.index(alice_done[2]), order  # before alice's third of twenty
+
+
+def test_code_that_prints_still_travels_after_ray_printed_in_this_driver(plain, user):
+    import builtins
+
+    # The crash and the kill above made Ray print worker deaths here, which by default makes
+    # Ray swap builtins.print for its own function (runner.ray turns that off).
+    assert type(builtins.print).__name__ == "builtin_function_or_method", builtins.print
+    with executor() as pool:
+        assert pool.submit(user.chatty, "hi").result() == "HI"
 
 
 @pytest.fixture(scope="module")
