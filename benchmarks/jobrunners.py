@@ -73,16 +73,7 @@ def _paths(user: Any, settings: Settings, progress: Progress) -> list[dict]:
         for size in (1 * MIB, 64 * MIB):
             progress(f"job-runner paths at {bytes_text(size)}")
             value = numpy.random.default_rng(0).integers(0, 255, size, dtype=numpy.uint8)
-
-            def frames():
-                bundle = runner.encode_call_frames(user.identity, (value,), policy=worker.policy)
-                return runner.decode_outcome(worker.run_frames(bundle.header, bundle.frames))
-
-            def as_bytes():
-                data = runner.encode_call(user.identity, (value,), policy=worker.policy)
-                return runner.decode_result(worker.run_bytes(data))
-
-            contenders = {CALL: lambda: worker.call(user.identity, value), FRAMES: frames, BYTES: as_bytes}
+            contenders = _path_contenders(worker, user.identity, value)
             for contender in contenders.values():
                 if not numpy.array_equal(contender(), value):
                     raise RuntimeError("a job-runner path returned something other than its argument")
@@ -91,6 +82,29 @@ def _paths(user: Any, settings: Settings, progress: Progress) -> list[dict]:
                             "ratios_to_call": {name: paired_ratios(samples[name], samples[CALL])
                                                for name in (FRAMES, BYTES)}})
     return entries
+
+
+def _path_contenders(worker: Any, identity: Any, value: Any) -> dict:
+    import runner
+
+    def frames():
+        bundle = runner.encode_call_frames(identity, (value,), policy=worker.policy)
+        return runner.decode_outcome(worker.run_frames(bundle.header, bundle.frames))
+
+    def as_bytes():
+        return runner.decode_result(worker.run_bytes(runner.encode_call(identity, (value,), policy=worker.policy)))
+
+    return {CALL: lambda: worker.call(identity, value), FRAMES: frames, BYTES: as_bytes}
+
+
+def _ray_contenders(pool: Any, worker: Any, task: Any, identity: Any, value: Any) -> dict:
+    import ray
+
+    return {
+        RAY_EXECUTOR: lambda: pool.submit(identity, value).result(),
+        DIRECT: lambda: worker.call(identity, value),
+        RAY_TASK: lambda: ray.get(task.remote(value)),
+    }
 
 
 def _ray(user: Any, settings: Settings, progress: Progress) -> dict:
@@ -115,11 +129,7 @@ def _ray(user: Any, settings: Settings, progress: Progress) -> dict:
             for label, size in (("empty", None), ("1 KiB", 1024), ("64 MiB", 64 * MIB)):
                 progress(f"Ray: {label}")
                 value = None if size is None else numpy.random.default_rng(0).integers(0, 255, size, dtype=numpy.uint8)
-                contenders = {
-                    RAY_EXECUTOR: lambda: pool.submit(user.identity, value).result(),
-                    DIRECT: lambda: worker.call(user.identity, value),
-                    RAY_TASK: lambda: ray.get(task.remote(value)),
-                }
+                contenders = _ray_contenders(pool, worker, task, user.identity, value)
                 for contender in contenders.values():
                     back = contender()
                     if size is not None and not numpy.array_equal(back, value):
