@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import platform
 import socket
 import stat
 import struct
@@ -179,7 +180,9 @@ def client_handshake(conn, socket_path: str, secret: bytes | None) -> tuple[dict
     client holds the secret, then proving it back. Returns the welcome's metadata and
     whether the server took this client as its owner."""
     nonce = new_nonce()
-    conn.send(HELLO, 0, {"nonce": nonce})
+    # Our Python version, for the server's log when its worker runs another (both sides
+    # then read the pair in the welcome and Worker.versions).
+    conn.send(HELLO, 0, {"nonce": nonce, "python": platform.python_version()})
     welcome = conn.recv()
     welcome.close()  # a welcome carries no descriptors; close any a rogue peer attached
     if welcome.kind == ERROR and isinstance(welcome.meta.get("error"), dict):

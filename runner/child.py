@@ -32,16 +32,19 @@ class Child:
     """A Python child process whose output goes, line by line, to ``on_line``.
 
     ``merge_stdout``: read stdout and stderr together (else stdout is discarded and only
-    stderr is read). ``env``: variables set on top of this process's environment.
+    stderr is read). ``env``: variables set on top of ``base_env``, by default this
+    process's environment with this copy of sourcebox on ``PYTHONPATH``.
     ``on_line`` gets each line, newline included; it must not raise.
     """
 
     def __init__(self, argv: Sequence[str], *, on_line: Callable[[str], None], merge_stdout: bool = False,
                  pass_fds: Sequence[int] = (), cwd: str | None = None, env: dict | None = None,
+                 base_env: dict | None = None,
                  max_line_chars: int = MAX_LINE_CHARS, name: str = "child-output"):
-        environment = dict(os.environ)
-        environment.update(env or {})
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [environment.get("PYTHONPATH"), PACKAGE_ROOT]))
+        if base_env is None:
+            base_env = dict(os.environ)
+            base_env["PYTHONPATH"] = os.pathsep.join(filter(None, [base_env.get("PYTHONPATH"), PACKAGE_ROOT]))
+        environment = {**base_env, **(env or {})}
         self.popen = subprocess.Popen(
             list(argv), env=environment, cwd=cwd, pass_fds=tuple(pass_fds), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if merge_stdout else subprocess.DEVNULL,

@@ -95,6 +95,23 @@ def _parser() -> argparse.ArgumentParser:
                        help="log the worker's full sandbox report at each start, not only the one-line summary "
                             "(the report is also in `python -m runner status`)")
     serve.add_argument("--test-only-trust-worker-channel", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--python", default=None,
+                       help="run the worker on this interpreter: a version (3.12, from pyenv) or the python of "
+                            "an environment made by `python -m runner env create`")
+    serve.add_argument("--profile", default=None,
+                       help="simulate a server from its environment snapshot (ndif-env): its policy, and a "
+                            "worker on its Python version (from --python, or the profile's environment)")
+    env = commands.add_parser("env", help="worker environments for other Python versions")
+    env_create = env.add_subparsers(dest="env_command", required=True).add_parser(
+        "create", help="build a venv a worker can run in on another interpreter; prints its --python")
+    env_create.add_argument("directory", help="where to create the environment")
+    env_create.add_argument("--python", default=None,
+                            help="the interpreter: a version (3.12: pyenv's newest 3.12.*) or a path")
+    env_create.add_argument("--profile", default=None,
+                            help="a simulation profile (ndif-env): its server's Python version, unless --python")
+    env_create.add_argument("--model", default="none",
+                            help="none (msgpack, psutil, pyseccomp, numpy) or a model spec, which adds torch, "
+                                 "transformers and nnsight (torch is a download of several GB)")
     # Ray is an optional extra: its subcommands are parsed by runner.ray (docs/SCALE.md).
     ray = commands.add_parser("ray", help="replicas on a Ray cluster: up|down|status (python -m runner ray --help)",
                               add_help=False)
@@ -117,8 +134,16 @@ def _serve(args: argparse.Namespace) -> int:
         if len(secret) != auth.SECRET_BYTES:
             raise RuntimeError(f"--secret-fd {args.secret_fd} gave {len(secret)} bytes, not a "
                                f"{auth.SECRET_BYTES}-byte secret")
+    from . import envs
+
+    policy, python = args.policy, args.python and str(envs.find_python(args.python))
+    if args.profile is not None:
+        python = str(envs.simulation(args.profile, python))
+        policy = args.profile if policy == DEFAULT_POLICY else policy
+    if python is not None:
+        envs.check(python)
     supervisor = Supervisor(
-        args.socket, model=args.model, device=args.device, policy=args.policy, confine=args.confine,
+        args.socket, model=args.model, device=args.device, policy=policy, confine=args.confine, python=python,
         timeout=args.timeout, memory_limit=args.memory_limit, shm_threshold=args.shm_threshold,
         handlers=tuple(name for name in args.handlers.split(",") if name), start_timeout=args.start_timeout,
         owner_pid=args.owner, secret=secret, threads=args.threads, max_clients=args.max_clients,
@@ -159,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "env":
+            from . import envs
+
+            return envs.main(args)
         if args.command == "status":
             status = _ask(args.socket, STATUS)
             if args.json:

@@ -13,6 +13,7 @@ import collections
 import concurrent.futures
 import itertools
 import os
+import platform
 import subprocess
 import threading
 import time
@@ -24,7 +25,7 @@ import capture
 import msgpack
 import sandbox
 
-from . import errors
+from . import envs, errors
 from .defaults import DEFAULT_POLICY, check_seconds
 from .errors import WorkerCrashed, rebuild
 from .frames import Outcome, encode_call_frames, model_placeholder as _model_placeholder, model_token as _model_token, \
@@ -99,6 +100,11 @@ class Worker:
     is killed and restarted. ``confine``: ``"best-effort"``, ``"required"`` or ``"off"``.
     ``isolate_clients``: a fresh worker whenever the next request is of another client
     than the last (tenants who must not share even one process; a worker start per switch).
+    ``python``: run the worker on another interpreter (an environment's python from
+    ``python -m runner env create``, or a version such as ``"3.12"`` whose interpreter has
+    the worker's packages). ``profile``: simulate a server from its environment snapshot
+    (``"ndif-env"``): its policy and a worker on its Python version (``python``, or the
+    profile's environment).
     The server-side settings apply only when this ``Worker`` starts the server.
 
     The server is authenticated before any request goes out (docs/RUNNER.md,
@@ -118,7 +124,8 @@ class Worker:
                  confine: str = "best-effort", *, shm_threshold: int = DEFAULT_SHM_THRESHOLD,
                  start_timeout: float = 600.0, handlers: tuple[str, ...] = (),
                  reconnect: float = DEFAULT_RECONNECT_SECONDS, threads: int | None = None,
-                 isolate_clients: bool = False):
+                 isolate_clients: bool = False, python: str | os.PathLike | None = None,
+                 profile: str | None = None):
         self.shm_threshold = shm_threshold
         self.reconnect = reconnect
         self.timeout = None if timeout is None else check_seconds(timeout, "timeout")
@@ -137,11 +144,19 @@ class Worker:
         _open_workers.add(self)
         self.socket_path = os.path.abspath(socket) if socket is not None else None
         self.policy = None
+        if profile is not None:
+            policy = profile if policy is None else policy
         try:
             if socket is None or not listening(socket):
+                # Another interpreter for the worker (docs/RUNNER.md, "Another Python"),
+                # resolved and checked before a server starts.
+                python = envs.simulation(profile, python) if profile is not None else \
+                    python and envs.find_python(python)
+                if python:
+                    envs.check(python)
                 self._server = OwnedServer(socket, _server_options(
                     model, policy, device, timeout, memory_limit, confine, shm_threshold, start_timeout,
-                    handlers, threads, isolate_clients))
+                    handlers, threads, isolate_clients, python))
                 self.socket_path = self._server.socket_path
             self._connect()
             self.info = self._control(WAIT_READY)
@@ -150,6 +165,12 @@ class Worker:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def versions(self) -> dict:
+        """The Python versions of this client, of the server and of its worker."""
+        return {"client": platform.python_version(), "server": self.info.get("server_python"),
+                "worker": self.info.get("python")}
 
     def _connect(self) -> None:
         # The server is checked before anything is sent (auth.py): by its secret, or by uid
@@ -438,7 +459,7 @@ class Worker:
 
 
 def _server_options(model, policy, device, timeout, memory_limit, confine, shm_threshold, start_timeout,
-                    handlers, threads, isolate_clients) -> list[str]:
+                    handlers, threads, isolate_clients, python) -> list[str]:
     """``python -m runner serve`` flags for a server a ``Worker`` starts."""
     options = ["--model", model, "--device", device, "--confine", confine, "--shm-threshold", str(shm_threshold),
                "--start-timeout", str(start_timeout)]
@@ -454,6 +475,8 @@ def _server_options(model, policy, device, timeout, memory_limit, confine, shm_t
         options += ["--handlers", ",".join(handlers)]
     if threads is not None:
         options += ["--threads", str(threads)]
+    if python:
+        options += ["--python", os.fspath(python)]
     return options
 
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .defaults import PACKAGE_ROOT
 from .errors import RunnerError
 
 #: What a worker without a model imports (msgpack: bundles and frames; psutil: the runner;
@@ -37,7 +38,6 @@ MARKER = "sourcebox-env.json"
 # Bumped when what an environment holds changes meaning (cache keys include it).
 _LAYOUT = 1
 _VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class EnvError(RunnerError):

@@ -31,7 +31,7 @@ from typing import Callable
 
 import psutil
 
-from . import errors, shm
+from . import envs, errors, shm
 from .child import Child
 from .errors import BadMessage, ProtocolError, describe_exit, failure
 from .protocol import (PING, REQUEST, STARTED, STATS, STOP, SUPERVISOR, WORKER, Connection, Message, READY,
@@ -143,7 +143,7 @@ class WorkerLifecycle:
     def __init__(self, *, model: str, device: str, policy: str | None, confine: str, handlers: tuple[str, ...],
                  shm_threshold: int, threads: int, start_timeout: float, send_timeout: float,
                  memory_limit: int | None, trust_worker_channel: bool, verbose: bool,
-                 say: Callable[[str], None], log):
+                 say: Callable[[str], None], log, python: str | None = None):
         self.model, self.device, self.policy, self.confine = model, device, policy, confine
         self.handlers, self.shm_threshold, self.threads = handlers, shm_threshold, threads
         self.start_timeout, self.send_timeout, self.memory_limit = start_timeout, send_timeout, memory_limit
@@ -151,6 +151,7 @@ class WorkerLifecycle:
         self._trust_worker_channel = trust_worker_channel
         self._verbose = verbose
         self._say, self._log = say, log
+        self.python = python  # the worker's interpreter (serve --python); None: ours
         self.worker: WorkerHandle | None = None
         self.restarts = self.retirements = 0
         self.last_crash: str | None = None
@@ -175,7 +176,7 @@ class WorkerLifecycle:
         # A worker that stops reading must not stall our sends to it either.
         set_send_timeout(parent_end, self.send_timeout)
         scratch = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")
-        argv = [sys.executable, "-m", "runner.worker", "--channel-fd", str(child_end.fileno()),
+        argv = [self.python or sys.executable, "-m", "runner.worker", "--channel-fd", str(child_end.fileno()),
                 "--parent-pid", str(os.getpid()), "--model", self.model, "--device", self.device,
                 "--confine", self.confine, "--handlers", ",".join(self.handlers),
                 "--shm-threshold", str(self.shm_threshold), "--scratch", scratch, "--threads", str(self.threads)]
@@ -184,8 +185,10 @@ class WorkerLifecycle:
         # Temporary files the worker's libraries make before confinement (torch's
         # torchinductor_<user> cache at import) land in its scratch, removed with it.
         # cwd is the scratch directory so `-m` puts nothing of the user's on sys.path.
+        # Another interpreter gets our code and none of our interpreter's paths (envs).
+        base = {**envs.clean_env(), **envs.worker_pythonpath()} if self.python else None
         child = Child(argv, on_line=self._log_line, merge_stdout=True, pass_fds=(child_end.fileno(),),
-                      cwd=scratch, env={"TMPDIR": scratch}, name="worker-output")
+                      cwd=scratch, env={"TMPDIR": scratch}, base_env=base, name="worker-output")
         child_end.close()
         worker = WorkerHandle(child, Connection(parent_end), scratch, _ChannelDeadline(parent_end))
         try:

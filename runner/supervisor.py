@@ -22,6 +22,7 @@ import errno
 import hmac
 import itertools
 import os
+import platform
 import signal
 import socket
 import struct
@@ -36,6 +37,7 @@ import msgpack
 from . import auth
 from . import errors
 from . import shm
+from .child import escape_controls
 from .defaults import check_seconds
 from .errors import BadMessage, ProtocolError, ProtocolVersionError, cut, failure
 from .lifecycle import (POLL_SECONDS, RESTART_ATTEMPTS, StartFailed, WorkerLifecycle, WorkerLost, set_send_timeout,
@@ -175,7 +177,7 @@ class Supervisor:
                  max_clients: int = DEFAULT_MAX_CLIENTS, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_SECONDS, send_timeout: float = DEFAULT_SEND_SECONDS,
                  trust_worker_channel: bool = False, isolate_clients: bool = False, verbose: bool = False,
-                 log=sys.stderr):
+                 log=sys.stderr, python: str | None = None):
         self.socket_path = os.path.abspath(socket_path)
         # Given by the Worker that starts us, or made here and written beside the socket.
         self._secret = secret if secret is not None else auth.new_secret()
@@ -192,7 +194,9 @@ class Supervisor:
             model=model, device=device, policy=policy, confine=confine, handlers=handlers,
             shm_threshold=shm_threshold, threads=self.threads, start_timeout=start_timeout,
             send_timeout=send_timeout, memory_limit=memory_limit, trust_worker_channel=trust_worker_channel,
-            verbose=verbose, say=self._say, log=log)
+            verbose=verbose, say=self._say, log=log, python=python)
+        # The worker's interpreter (serve --python; docs/RUNNER.md, "Another Python"); None: ours.
+        self.python = python
         self.max_clients, self.max_queued_bytes = max_clients, max_queued_bytes
         self.handshake_timeout, self.send_timeout = handshake_timeout, send_timeout
         self._connections = 0  # accepted and not yet gone, handshaking ones included
@@ -497,12 +501,18 @@ class Supervisor:
         if hello.kind != HELLO or not (isinstance(nonce, bytes) and len(nonce) == auth.NONCE_BYTES):
             raise BadMessage(f"the first message must be a hello carrying a {auth.NONCE_BYTES}-byte nonce")
         ours = auth.new_nonce()
+        worker_python = self.life.worker.info.get("python") if self.life.worker is not None else None
         conn.send(WELCOME, hello.id, {
             "protocol": PROTOCOL_VERSION, "server_pid": os.getpid(), "model": self.model, "policy": self.policy,
             "device": self.device, "shm_threshold": self.shm_threshold, "state": self.state,
+            "python": platform.python_version(), "worker_python": worker_python,
             "nonce": ours, "proof": auth.proof(self._secret, b"server", nonce, ours, os.getpid(), pid),
         })
         client = ClientSession(next(self._client_ids), conn, pid, nonces=(nonce, ours))
+        if self.python and worker_python and \
+                str(hello.meta.get("python")).split(".")[:2] != worker_python.split(".")[:2]:
+            self._say(f"client pid {pid} runs Python {escape_controls(str(hello.meta.get('python'))[:32])}, "
+                      f"the worker {worker_python}")
         client.outbox = _Outbox(conn, lambda why: self._drop(client, why), name=f"client-{client.id}-outbox")
         with self._lock:
             self._clients[client.id] = client
@@ -628,6 +638,7 @@ class Supervisor:
             "memory_limit": self.memory_limit, "timeout": self.timeout, "threads": self.threads,
             "max_clients": self.max_clients, "max_queued_bytes": self.max_queued_bytes,
             "shm_threshold": self.shm_threshold, "sources": info.get("sources"),
+            "python": info.get("python"), "server_python": platform.python_version(),
         }
 
     def _shutdown(self) -> None:

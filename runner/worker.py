@@ -34,6 +34,7 @@ import ctypes
 import importlib
 import importlib.util
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         conn.send(READY, 0, {
             "pid": os.getpid(), "device": device, "policy": policy.name, "model": args.model,
             "sandbox": str(report), "confinement": confinement_summary(report), "load_seconds": loaded,
-            "kinds": handlers.kinds(), "sources": sources.summary(),
+            "kinds": handlers.kinds(), "sources": sources.summary(), "python": platform.python_version(),
         })
         loop.serve()
         return 0
