@@ -14,6 +14,7 @@ import hashlib
 import linecache
 import os
 import stat
+import sys
 import threading
 import tokenize
 import types
@@ -340,9 +341,13 @@ def compile_segment(segment: Segment, freevars: tuple[str, ...], tenant: str = "
     try:
         node = _parse_segment(segment)
     except SyntaxError as exc:
+        here = ".".join(map(str, sys.version_info[:3]))
+        text = f" ({exc.text.strip()[:200]!r})" if exc.text else ""
         raise BundleError(
-            f"source from {segment.file}:{segment.line} does not compile on this Python: {exc.msg} "
-            "(the bundle was made on a Python that accepts newer syntax)"
+            f"source from {segment.file}:{exc.lineno or segment.line}{text} does not compile on this "
+            f"Python {here}: {exc.msg}. The bundle was made on a Python that accepts newer syntax: "
+            f"write this for Python {sys.version_info[0]}.{sys.version_info[1]}, or run the receiver on "
+            "the sender's Python version"
         ) from None
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         node.decorator_list = []
