@@ -2,67 +2,42 @@
 msgpack and a copy of the capture package (no torch, no numpy, nothing of this project).
 
 Interpreters come from pyenv (``$(pyenv root)/versions/3.10*`` and so on); each gets a venv
-under ``<this venv>/xver/<version>``, created once and reused.
+from ``runner.envs.cached``, created once per machine and reused.
 """
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from capture_support.harness import REPO_ROOT, CaseList, UserCode, checked_dumps, minimal_env, ship_and_load
+from capture_support.harness import REPO_ROOT, CaseList, UserCode, checked_dumps, ship_and_load
+from runner import envs
 
 OTHER_MINORS = ["3.10", "3.12", "3.13"]
-VENV_CACHE = (Path(sys.prefix) if sys.prefix != sys.base_prefix else Path.home() / ".cache" / "sourcebox") / "xver"
 
 cases = CaseList()
-
-
-def pyenv_root() -> Path:
-    """Where pyenv keeps its interpreters: ``pyenv root``, else $PYENV_ROOT, else ~/.pyenv."""
-    pyenv = shutil.which("pyenv")
-    if pyenv:
-        found = subprocess.run([pyenv, "root"], capture_output=True, text=True)
-        if found.returncode == 0 and found.stdout.strip():
-            return Path(found.stdout.strip())
-    return Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+# Interpreters and environments come from runner.envs (shared with the worker tests on
+# other Pythons, tests/test_runner_crosspy.py); these names stay for other tests' use.
+pyenv_root = envs.pyenv_root
 
 
 def interpreter_for(minor: str) -> Path | None:
     """The newest pyenv-installed ``python3`` of a minor version, if any."""
-    candidates = sorted(
-        (path for path in (pyenv_root() / "versions").glob(f"{minor}.*") if (path / "bin" / "python3").exists()),
-        key=lambda path: [int(part) if part.isdigit() else -1 for part in path.name.split(".")],
-    )
-    return candidates[-1] / "bin" / "python3" if candidates else None
+    return envs.interpreter_for(minor)
 
 
 def venv_with_msgpack(interpreter: Path) -> Path:
-    """A venv of ``interpreter`` holding only msgpack (created on first use, then reused).
+    """The python of a venv of ``interpreter`` holding only msgpack (built once per machine
+    in ``~/.cache/sourcebox/envs``, then reused).
 
     The interpreter is there, so a venv that cannot be built fails the test: skipping
     would turn the claim that bundles load on other Pythons into silence.
     """
-    venv = VENV_CACHE / interpreter.parents[1].name
-    python = venv / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import msgpack"], capture_output=True).returncode == 0:
-        return python
-    steps = [([str(interpreter), "-m", "venv", "--clear", str(venv)], "creating the venv"),
-             ([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "msgpack"],
-              "installing msgpack into it (is the package index reachable?)")]
-    for command, what in steps:
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=minimal_env())
-            failure = done.stderr[-2000:] if done.returncode != 0 else None
-        except (OSError, subprocess.TimeoutExpired) as error:
-            failure = str(error)
-        if failure is not None:
-            pytest.fail(f"{interpreter} is installed, but its test environment {venv} could not be built: "
-                        f"{what} failed.\n{failure}\nFix it, or build it by hand: {interpreter} -m venv {venv} && "
-                        f"{python} -m pip install msgpack", pytrace=False)
-    return python
+    try:
+        return envs.cached(interpreter, ["msgpack"])
+    except envs.EnvError as error:
+        pytest.fail(f"{interpreter} is installed, but its msgpack-only test environment could not be built: "
+                    f"{error}", pytrace=False)
 
 
 @cases.case(build=lambda user: user.mymethods.scale_and_shift)
