@@ -258,3 +258,13 @@ def test_env_create_reuses_a_built_environment_and_prints_its_python():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(python)
     assert f"--python {python}" in done.stderr
+
+
+def test_serve_with_a_profile_whose_environment_is_missing_says_how_to_make_it(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "runner", "serve", "--socket", str(tmp_path / "s.sock"),
+                           "--model", "none", "--profile", "ndif-env"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": envs.PACKAGE_ROOT, "XDG_CACHE_HOME": str(tmp_path)})
+    assert done.returncode == 2
+    assert f"python -m runner env create {tmp_path}/sourcebox/envs/ndif-env --profile ndif-env" in done.stderr
+    assert not (tmp_path / "s.sock").exists()
