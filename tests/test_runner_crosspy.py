@@ -268,3 +268,43 @@ def test_serve_with_a_profile_whose_environment_is_missing_says_how_to_make_it(t
     assert done.returncode == 2
     assert f"python -m runner env create {tmp_path}/sourcebox/envs/ndif-env --profile ndif-env" in done.stderr
     assert not (tmp_path / "s.sock").exists()
+
+
+PEP_695 = '''\
+type Pair[T] = tuple[T, T]
+
+
+def first[T](items: list[T]) -> T:  # line 4
+    return items[0]
+'''
+
+CLIENT_ON_3_12 = '''\
+import sys
+import capture, runner
+
+sys.path.insert(0, sys.argv[1])
+import newest
+
+with runner.Worker(model="none", python=sys.argv[2], confine="off") as worker:
+    print(worker.versions["client"], worker.versions["worker"])
+    try:
+        worker.call(newest.first, [1, 2])
+    except capture.BundleError as error:
+        print(error)
+'''
+
+
+def test_a_312_client_sending_pep_695_generics_to_a_311_worker_is_told_why(tmp_path):
+    """The other direction: the client on the newer Python (an environment of pyenv's 3.12
+    runs the client and its server), the worker on this one (3.11, with torch)."""
+    client_python = worker_environment("3.12")
+    (tmp_path / "newest.py").write_text(PEP_695)
+    (tmp_path / "client.py").write_text(CLIENT_ON_3_12)
+    done = subprocess.run([str(client_python), str(tmp_path / "client.py"), str(tmp_path), sys.executable],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**envs.clean_env(), "PYTHONPATH": envs.PACKAGE_ROOT})
+    assert done.returncode == 0, done.stderr[-3000:]
+    versions, message = done.stdout.splitlines()[:2]
+    assert versions.startswith("3.12.") and versions.split()[1] == platform.python_version()
+    assert f"{tmp_path / 'newest.py'}:4 ('def first[T](items: list[T]) -> T:" in message
+    assert f"does not compile on this Python {platform.python_version()}" in message
