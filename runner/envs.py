@@ -129,7 +129,9 @@ def create(directory: str | os.PathLike[str], python: str | os.PathLike[str], pa
             return env_python
         if directory.exists() and not (directory / "pyvenv.cfg").exists() and any(directory.iterdir()):
             raise EnvError(f"{directory} exists and is not an environment; pick an empty or new directory")
-        _say(log, f"creating a Python {version} environment at {directory}")
+        built = _read_marker(directory)
+        _say(log, f"creating a Python {version} environment at {directory}" + (
+            f" (replacing its Python {built.get('version')} environment)" if isinstance(built, dict) else ""))
         steps = [[str(base), "-m", "venv", "--clear", str(directory)]]
         if packages:
             steps.append([str(env_python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
@@ -271,12 +273,15 @@ def main(args) -> int:
         if version is None:
             raise EnvError(f"{args.profile!r} is not a simulation profile; choose one of: "
                            f"{', '.join(simulation_profiles())}")
+        if python is not None:
+            actual = python_version(find_python(python))
+            if actual.split(".")[:2] != version.split(".")[:2]:
+                raise EnvError(f"the {args.profile} server runs Python {version}, but --python {python} is "
+                               f"Python {actual}; leave --python out to use a {version}")
         python = python or version
     if python is None:
         raise EnvError("name the interpreter: --python 3.12 (or a path), or --profile ndif-env")
     env_python = create(args.directory, python, requirements(args.model), log=sys.stderr)
-    if args.profile is not None:
-        simulation(args.profile, env_python)  # the interpreter matches the profile's server
     version = check(env_python)
     print(f"worker environment for Python {version} ready; use:\n    --python {env_python}", file=sys.stderr)
     print(env_python)

@@ -308,3 +308,14 @@ def test_a_312_client_sending_pep_695_generics_to_a_311_worker_is_told_why(tmp_p
     assert versions.startswith("3.12.") and versions.split()[1] == platform.python_version()
     assert f"{tmp_path / 'newest.py'}:4 ('def first[T](items: list[T]) -> T:" in message
     assert f"does not compile on this Python {platform.python_version()}" in message
+
+
+def test_env_create_refuses_a_python_the_profiles_server_does_not_run_before_building(tmp_path):
+    if envs.interpreter_for("3.10") is None:
+        pytest.skip("no Python 3.10 from pyenv")
+    done = subprocess.run([sys.executable, "-m", "runner", "env", "create", str(tmp_path / "env"),
+                           "--profile", "ndif-env", "--python", "3.10"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": envs.PACKAGE_ROOT})
+    assert done.returncode == 2
+    assert "the ndif-env server runs Python 3.12, but --python 3.10 is Python 3.10" in done.stderr
+    assert not (tmp_path / "env").exists()
