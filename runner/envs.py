@@ -154,8 +154,9 @@ def cached(python: str | os.PathLike[str], packages: list[str] | tuple[str, ...]
     """``create`` in the shared cache (``~/.cache/sourcebox/envs/<version>-<hash>``): the
     environment for an interpreter and a set of packages is built once per machine."""
     base = find_python(python)
-    key = json.dumps([_LAYOUT, str(base), python_version(base), sorted(packages)])
-    name = f"{python_version(base)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    version = python_version(base)
+    key = json.dumps([_LAYOUT, str(base), version, sorted(packages)])
+    name = f"{version}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return create(cache_root() / name, base, packages, log=log)
 
 
