@@ -120,16 +120,22 @@ def create(directory: str | os.PathLike[str], python: str | os.PathLike[str], pa
     directory = Path(directory).expanduser().absolute()
     base = find_python(python)
     version = python_version(base)
-    wanted = {"layout": _LAYOUT, "python": str(base), "version": version, "packages": sorted(packages)}
+    wanted = {"layout": _LAYOUT, "python": str(base), "version": version, "packages": sorted(packages),
+              # A copy of sourcebox (installed, no checkout) is refreshed when sourcebox changes.
+              "sourcebox": None if _is_checkout(PACKAGE_ROOT) else _code_digest()}
     env_python = directory / "bin" / "python"
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f".{directory.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _read_marker(directory) == wanted and env_python.exists():
+        built = _read_marker(directory)
+        if isinstance(built, dict) and env_python.exists() and \
+                {**built, "sourcebox": None} == {**wanted, "sourcebox": None}:
+            if built.get("sourcebox") != wanted["sourcebox"] and wanted["sourcebox"] is not None:
+                _copy_packages(directory, env_python)  # sourcebox changed since: refresh its copy
+                (directory / MARKER).write_text(json.dumps(wanted, indent=1))
             return env_python
         if directory.exists() and not (directory / "pyvenv.cfg").exists() and any(directory.iterdir()):
             raise EnvError(f"{directory} exists and is not an environment; pick an empty or new directory")
-        built = _read_marker(directory)
         _say(log, f"creating a Python {version} environment at {directory}" + (
             f" (replacing its Python {built.get('version')} environment)" if isinstance(built, dict) else ""))
         steps = [[str(base), "-m", "venv", "--clear", str(directory)]]
@@ -144,7 +150,7 @@ def create(directory: str | os.PathLike[str], python: str | os.PathLike[str], pa
                 raise EnvError(f"building the worker environment {directory} failed at `{' '.join(step)}` "
                                f"(exit status {done.returncode}; is the package index reachable?):\n"
                                f"{(done.stdout + done.stderr)[-3000:]}")
-        if not _is_checkout(PACKAGE_ROOT):
+        if wanted["sourcebox"] is not None:
             _copy_packages(directory, env_python)
         (directory / MARKER).write_text(json.dumps(wanted, indent=1))
     return env_python
@@ -155,7 +161,7 @@ def cached(python: str | os.PathLike[str], packages: list[str] | tuple[str, ...]
     environment for an interpreter and a set of packages is built once per machine."""
     base = find_python(python)
     version = python_version(base)
-    key = json.dumps([_LAYOUT, str(base), version, sorted(packages)])
+    key = json.dumps([_LAYOUT, str(base), version, sorted(packages), _is_checkout(PACKAGE_ROOT)])
     name = f"{version}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return create(cache_root() / name, base, packages, log=log)
 
@@ -196,6 +202,16 @@ def _is_checkout(root: str) -> bool:
     """Is ``root`` sourcebox's source tree? Anything else (site-packages, a pip --target
     directory) may also hold packages compiled for this interpreter."""
     return os.path.isfile(os.path.join(root, "setup.cfg")) and os.path.isdir(os.path.join(root, "runner"))
+
+
+def _code_digest() -> str:
+    """A digest of sourcebox's own files (what ``_copy_packages`` copies)."""
+    digest = hashlib.sha256()
+    for package in ("capture", "sandbox", "runner"):
+        for path in sorted((Path(PACKAGE_ROOT) / package).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(PACKAGE_ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _copy_packages(directory: Path, env_python: Path) -> None:

@@ -319,3 +319,36 @@ def test_env_create_refuses_a_python_the_profiles_server_does_not_run_before_bui
     assert done.returncode == 2
     assert "the ndif-env server runs Python 3.12, but --python 3.10 is Python 3.10" in done.stderr
     assert not (tmp_path / "env").exists()
+
+
+INSTALLED_CLIENT = '''\
+import sys
+import runner
+from runner import envs
+
+sys.path.insert(0, sys.argv[1])
+import xvuser
+
+python = envs.cached(envs.interpreter_for("3.12"), envs.requirements("none"))
+with runner.Worker(model="none", python=python, confine="required") as worker:
+    print(runner.__file__)
+    print(worker.status()["worker_pid"], worker.call(xvuser.version), flush=True)
+    with open(f"/proc/{worker.status()['worker_pid']}/environ", "rb") as environ:
+        print([entry.decode() for entry in environ.read().split(b"\\\\0") if entry.startswith(b"PYTHON")])
+'''
+
+
+def test_an_installed_sourcebox_gives_the_worker_its_own_copy_not_its_site_packages(installed_sourcebox, user,
+                                                                                    tmp_path):
+    """sourcebox installed as a package (pip --target here): its directory may hold packages
+    built for the client's Python, so the worker on 3.12 gets a copy of sourcebox in its
+    environment instead of that directory on its path."""
+    worker_environment("3.12")  # skips where there is no 3.12
+    xvuser, _ = user
+    (tmp_path / "client.py").write_text(INSTALLED_CLIENT)
+    done = installed_sourcebox.run([tmp_path / "client.py", os.path.dirname(xvuser.__file__)], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    module, call, environ = done.stdout.splitlines()[:3]
+    assert module.startswith(str(installed_sourcebox.site))
+    assert call.split(" ", 1)[1].startswith("[3, 12, ")  # the user's function ran on 3.12
+    assert environ == "[]"  # no PYTHONPATH: the environment's own copy served the worker
