@@ -145,11 +145,15 @@ def create(directory: str | os.PathLike[str], python: str | os.PathLike[str], pa
         for step in steps:
             if step[1:3] == ["-m", "pip"]:
                 _say(log, f"installing {' '.join(packages)}")
-            done = subprocess.run(step, capture_output=True, text=True, env=clean_env(), timeout=3600)
-            if done.returncode != 0:
+            try:
+                done = subprocess.run(step, capture_output=True, text=True, env=clean_env(), timeout=3600)
+                failure = None if done.returncode == 0 else \
+                    f"exit status {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}"
+            except (OSError, subprocess.TimeoutExpired) as error:
+                failure = str(error)
+            if failure is not None:
                 raise EnvError(f"building the worker environment {directory} failed at `{' '.join(step)}` "
-                               f"(exit status {done.returncode}; is the package index reachable?):\n"
-                               f"{(done.stdout + done.stderr)[-3000:]}")
+                               f"(is the package index reachable?): {failure}")
         if wanted["sourcebox"] is not None:
             _copy_packages(directory, env_python)
         (directory / MARKER).write_text(json.dumps(wanted, indent=1))
