@@ -15,11 +15,12 @@ large buffers separately (the runner puts them in shared memory).
 """
 from __future__ import annotations
 
+import hashlib as _hashlib
 from typing import Any, Callable, Container, MutableMapping, Sequence
 
-from . import format as _format
+from . import decoder as _decoder, format as _format
 from .dataonly import DATA_ONLY, DataDecoder, DataOnly
-from .decoder import Decoder, Unavailable
+from .decoder import Decoder, Unavailable, plan_cache_info
 from .destination import DEFAULT, DefaultDestination, Destination
 from .encoder import Bundle, Encoder
 from .errors import BundleError, CaptureError, MissingSources
@@ -29,7 +30,7 @@ __all__ = [
     "dumps", "loads", "encode", "encode_variables", "decode", "Bundle", "CaptureError", "BundleError",
     "MissingSources",
     "Destination", "DefaultDestination", "DEFAULT", "DATA_ONLY", "DataOnly", "Unavailable", "compile_cache_info",
-    "release_lines",
+    "release_lines", "clear_caches", "plan_cache_info",
 ]
 
 
@@ -79,9 +80,15 @@ def decode(header: bytes | memoryview, frames: Sequence[Any], *, policy: Any = N
     ``policy``: with ``policy=DATA_ONLY`` only values are rebuilt, and anything else is a
     :class:`BundleError` naming its path from ``label`` (``result[2].probe.fn``).
     """
+    frames = [_bytes_view(f) for f in frames]
+    key = None
+    if not isinstance(policy, DataOnly):
+        key = _decoder.plan_key("decode", _bytes_view(header), policy or DEFAULT, tenant)
+        plan = _decoder.cached_plan(key, policy or DEFAULT)
+        if plan is not None:
+            return _replay(plan, frames, persistent_load, device, source_store)
     parsed, _ = _format.unpack_header(header)
-    return _decode(parsed, [_bytes_view(f) for f in frames], policy, persistent_load, device, source_store, label,
-                   tenant)
+    return _decode(parsed, frames, policy, persistent_load, device, source_store, label, tenant, key)
 
 
 def loads(data: bytes | bytearray | memoryview, *, policy: Any = None,
@@ -95,9 +102,18 @@ def loads(data: bytes | bytearray | memoryview, *, policy: Any = None,
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BundleError(f"loads expects bytes, not {type(data).__name__}")
     view = _bytes_view(data)
+    key = None
+    if not isinstance(policy, DataOnly):
+        key = _decoder.plan_key("loads", view, policy or DEFAULT, tenant)
+        plan = _decoder.cached_plan(key, policy or DEFAULT)
+        if plan is not None and (not plan.header_digest
+                                 or _hashlib.sha256(view[:plan.header_end]).digest() == plan.header_digest):
+            frames = _format.split_frames(view, plan.header_end, plan.frame_table)
+            return _replay(plan, frames, persistent_load, device, source_store)
     header, start = _format.unpack_header(view)
     frames = _format.split_frames(view, start, header["frames"])
-    return _decode(header, frames, policy, persistent_load, device, source_store, label, tenant)
+    return _decode(header, frames, policy, persistent_load, device, source_store, label, tenant, key,
+                   (start, view))
 
 
 def _bytes_view(buffer: Any) -> memoryview:
@@ -106,19 +122,50 @@ def _bytes_view(buffer: Any) -> memoryview:
 
 
 def _decode(header: dict, frames: list, policy: Any, persistent_load: Any, device: str | None,
-            source_store: MutableMapping[str, str] | None, label: str, tenant: str = "") -> Any:
+            source_store: MutableMapping[str, str] | None, label: str, tenant: str = "", key: tuple | None = None,
+            whole: tuple[int, memoryview] | None = None) -> Any:
+    """A first load; with ``key``, its plan is kept for the next load of the same bytes
+    (``whole``: where the frame area of ``loads``' bytes starts, and the bytes)."""
     if len(frames) != len(header["frames"]):
         raise BundleError(f"the bundle lists {len(header['frames'])} frames but {len(frames)} came with it")
     try:
         if isinstance(policy, DataOnly):
             return DataDecoder(header, frames, policy, persistent_load, device, source_store, label=label).root()
-        return Decoder(header, frames, policy, persistent_load, device, source_store, tenant=tenant).root()
+        decoder = Decoder(header, frames, policy, persistent_load, device, source_store, tenant=tenant,
+                          record=key is not None)
+        value = decoder.root()
+        if key is not None:
+            plan = decoder.plan()
+            if whole is not None:
+                start, view = whole
+                plan.header_end, plan.frame_table = start, header["frames"]
+                if start > _decoder.PREFIX:  # the key covers only the first bytes: check the rest on use
+                    plan.header_digest = _hashlib.sha256(view[:start]).digest()
+            _decoder.keep_plan(key, plan)
+        return value
     except RecursionError:
         raise BundleError("the bundle nests too deeply to rebuild") from None
     except (BundleError, ImportError):
         raise
     except Exception as exc:  # whatever a hostile bundle provokes outside one node is still this bundle's fault
         raise BundleError(f"cannot rebuild the bundle: {type(exc).__name__}: {exc}") from exc
+
+
+def _replay(plan: Any, frames: list, persistent_load: Any, device: str | None,
+            source_store: MutableMapping[str, str] | None) -> Any:
+    try:
+        return plan.instantiate(frames, persistent_load, device, source_store)
+    except (BundleError, ImportError):
+        raise
+    except Exception as exc:  # as in _decode
+        raise BundleError(f"cannot rebuild the bundle: {type(exc).__name__}: {exc}") from exc
+
+
+def clear_caches() -> None:
+    """Forget compiled code and load plans: a receiver does this before serving another
+    tenant, so no code object of one sender's bundles stays alive for the next."""
+    compile_segment.cache_clear()
+    _decoder.clear_plans()
 
 
 def compile_cache_info() -> Any:

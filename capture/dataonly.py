@@ -324,6 +324,8 @@ class DataDecoder(Decoder):
                 raise self.refuse(encoded.index, f"a reference to {node[1]}.{node[2]} ({exc})") from None
         return self.value(encoded)
 
+    BUILDERS = {**Decoder.BUILDERS, fmt.REFERENCE: _ref, fmt.OBJECT: _object, fmt.REDUCE: _reduce}
+
     # -- where a refused node sits ----------------------------------------------------
 
     def path_to(self, target: int) -> str:
