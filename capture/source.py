@@ -454,6 +454,10 @@ class ShippedLines(Sequence):
 #: file name -> its shipped lines, least recently registered first.
 _shipped: "OrderedDict[str, ShippedLines]" = OrderedDict()
 _shipped_lock = threading.Lock()
+#: Segments registered since lines were last dropped: a repeat load registers nothing
+#: (and reads no file) again. Emptied whenever any lines are dropped, and when it is full.
+_registered: set[Segment] = set()
+_MAX_REGISTERED = 4096
 
 
 def register_lines(segment: Segment) -> None:
@@ -464,11 +468,14 @@ def register_lines(segment: Segment) -> None:
     ``MAX_SHIPPED_FILES`` files and ``MAX_SHIPPED_LINES`` lines are kept; the file
     registered longest ago is dropped first, and ``release_lines`` drops them all.
     """
+    if segment in _registered:
+        return
     seg_lines = segment.text.splitlines(keepends=True)
     start = segment.line - 1
     with _shipped_lock:
         registered = segment.file in _shipped
     if not registered and _real_file_holds(segment.file, start, seg_lines):
+        _remember_registered(segment)
         return
     with _shipped_lock:
         lines = _shipped.pop(segment.file, None) or ShippedLines()
@@ -480,6 +487,14 @@ def register_lines(segment: Segment) -> None:
             file, dropped = _shipped.popitem(last=False)
             total -= len(dropped.lines)
             _forget(file, dropped)
+    _remember_registered(segment)
+
+
+def _remember_registered(segment: Segment) -> None:
+    with _shipped_lock:
+        if len(_registered) >= _MAX_REGISTERED:
+            _registered.clear()
+        _registered.add(segment)
 
 
 def release_lines() -> int:
@@ -488,6 +503,7 @@ def release_lines() -> int:
     files were dropped. Code still alive shows no source lines in later tracebacks
     until its file is shipped again."""
     with _shipped_lock:
+        _registered.clear()
         dropped = list(_shipped.items())
         _shipped.clear()
         for file, lines in dropped:
@@ -496,6 +512,7 @@ def release_lines() -> int:
 
 
 def _forget(file: str, lines: ShippedLines) -> None:
+    _registered.clear()  # (under _shipped_lock) segments of that file must register again
     entry = linecache.cache.get(file)
     if entry is not None and len(entry) > 2 and entry[2] is lines:
         del linecache.cache[file]

@@ -195,3 +195,19 @@ def test_two_threads_loading_one_module_name_keep_their_own_module(tmp_path):
     sys.modules.pop("plan_threads_sync", None)
     assert seen == {"a": True, "b": True}
     assert "plan_same_name" not in sys.modules
+
+
+def test_a_replay_registers_shipped_lines_again_after_they_were_released(stateful, tmp_path):
+    import linecache
+
+    data = capture.dumps(stateful.joined)
+    (tmp_path / "plan_stateful.py").unlink()  # as on a worker: the file is not there
+    path = str(tmp_path / "plan_stateful.py")
+    linecache.checkcache(path)  # what capture read while dumping
+    line = STATEFUL.splitlines().index("def joined(*parts):") + 1
+    for _ in range(2):
+        capture.release_lines()
+        assert linecache.getline(path, line) == ""
+        capture.loads(data)
+        assert linecache.getline(path, line) == "def joined(*parts):\n"
+    capture.release_lines()
