@@ -283,7 +283,7 @@ class RequestLoop:
             # Another client's source texts and compiled code would stay live objects here,
             # which code of this request could find (gc.get_objects): drop them on a switch.
             self.sources.keep_only(tenant)
-            capture.source.compile_segment.cache_clear()
+            capture.clear_caches()  # compiled code and load plans
             self._tenant = tenant
         store = self.sources if hygiene.DISABLED else self.sources.tenant(tenant)
         if form == "bytes":
