@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Container
+from typing import Any, Callable, Container, Sequence
 
 import capture
 import msgpack
@@ -201,11 +201,21 @@ class Worker:
         """
         return self.submit(fn, *args, **kwargs).result()
 
-    def request(self, kind: str, payload: Any, *, timeout: float | None = None) -> Any:
-        """Send ``payload`` to the handler of request ``kind`` and return its result."""
+    def request(self, kind: str, payload: Any = None, *, timeout: float | None = None,
+                build: Callable[[Container[str]], tuple[Any, Sequence[str]]] | None = None) -> Any:
+        """Send ``payload`` to the handler of request ``kind`` and return its result.
+
+        ``build(known)`` instead of ``payload``: the payload for a worker holding the texts
+        whose digests are ``known``, and the digests of the texts it keeps for later
+        requests (a handler that keeps texts in ``context.sources`` and raises
+        ``capture.MissingSources`` for one it lacks gets them again: ``build(())``).
+        """
         def encode(known: Container[str]) -> capture.Bundle:
-            return capture.encode(payload, policy=self.policy, persistent_id=_model_token, label="payload",
-                                  known_sources=known)
+            value, kept = build(known) if build is not None else (payload, ())
+            bundle = capture.encode(value, policy=self.policy, persistent_id=_model_token, label="payload",
+                                    known_sources=known)
+            bundle.source_digests.extend(kept)
+            return bundle
 
         return self._submit(kind, self.timeout if timeout is None else timeout, encode=encode).result()
 

@@ -50,12 +50,16 @@ MODEL = ModelPlaceholder()
 @dataclass
 class Context:
     """What a handler may use: the loaded model (``None`` for ``--model none``), the
-    sandbox policy the worker runs under, the torch device name and the model spec."""
+    sandbox policy the worker runs under, the torch device name and the model spec; and,
+    during a request, ``sources``: the requesting client's part of the worker's source
+    store (digest -> text), where a handler may keep texts that client sends again by
+    digest (raising ``capture.MissingSources`` for one it lacks makes the client resend)."""
 
     model: Any
     policy: Any
     device: str
     model_spec: str
+    sources: Any = None
 
 
 def register(kind: str, handler: Handler) -> None:

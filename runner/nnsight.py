@@ -15,6 +15,7 @@ import ast
 import builtins
 import contextlib
 import functools
+import hashlib
 import io
 import os
 import re
@@ -86,8 +87,14 @@ class WorkerBackend:
             line = block.line_reading(_root_name(error.path))
             error.add_note(f"(read by the traced block at {block.file}:{line})")
             raise _at_user_lines(error, [(block.file, line, block.name)]) from None
+        data = capture.dumps(request)
+        digest = _request_digest(data)
+
+        def build(known):  # an identical trace again sends the digest alone
+            return ({"digest": digest} if digest in known else {"digest": digest, "request": data}), [digest]
+
         try:
-            result = self.worker.request(TRACE_REQUEST, request)
+            result = self.worker.request(TRACE_REQUEST, build=build)
         except Exception as error:
             frames = [
                 (file, line, name)
@@ -143,6 +150,11 @@ def build_request(tracer: Any, policy: Any = None) -> dict:
         "globals": global_names,
         "variables": bundle.to_bytes(),
     }
+
+
+def _request_digest(data: bytes) -> str:
+    """The name a trace request's bytes are kept under in the worker's source store."""
+    return "trace:" + hashlib.sha256(data).hexdigest()[:32]
 
 
 def bind_result(tracer: Any, result: dict) -> None:
@@ -309,15 +321,40 @@ class _PushedNames(dict):
 _run_lock = threading.Lock()
 
 
-def handle_trace(context: Any, request: dict) -> dict:
+def _stored_request(context: Any, payload: Any) -> dict:
+    """The trace request of ``payload`` (``{"digest", "request"}``, the bytes absent when
+    the client believes the worker holds them), kept in the client's part of the source
+    store for the next identical trace; ``capture.MissingSources`` when it is not there."""
+    import capture
+
+    if not (isinstance(payload, dict) and isinstance(payload.get("digest"), str)
+            and isinstance(payload.get("request", b""), bytes)):
+        raise TraceRefused("a trace request is {'digest': str, 'request': bytes}; send it with WorkerBackend")
+    digest, data, store = payload["digest"], payload.get("request"), context.sources
+    if data is None:
+        data = store.get(digest) if store is not None else None
+        if data is None:
+            raise capture.MissingSources([digest])
+    elif _request_digest(data) != digest:  # a store must not learn a request under a false name
+        raise TraceRefused(f"the trace request does not match its digest {digest!r}")
+    elif store is not None:
+        store[digest] = data
+    request = capture.loads(data, policy=capture.DATA_ONLY, label="trace request")
+    if not isinstance(request, dict):
+        raise TraceRefused(f"a trace request is a dict, not a {type(request).__name__}")
+    return request
+
+
+def handle_trace(context: Any, payload: Any) -> dict:
     """Run a ``trace`` request on ``context.model``; return the saved values and output.
 
-    ``context`` is the worker's request context (``.model``, ``.policy``). The block
-    runs with the policy's builtins, so its imports obey the policy. The result is
-    ``{"saved": {name: value}, "stdout": str, "stderr": str}``.
+    ``context`` is the worker's request context (``.model``, ``.policy``, ``.sources``).
+    The block runs with the policy's builtins, so its imports obey the policy. The result
+    is ``{"saved": {name: value}, "stdout": str, "stderr": str}``.
     """
     import capture
 
+    request = _stored_request(context, payload)
     model = context.model
     _refuse_other_model(model, request["model"])
     call = _resolve_call(model, request["call"])

@@ -263,11 +263,11 @@ class RequestLoop:
                               for frame in message.frames]
             try:
                 payload = self._decode(meta.get("form"), request_frames, meta.get("client"))
+                result = handler(self.context, payload)
             except capture.MissingSources as missing:
                 # Answered, never an error: the client encodes the request again with
-                # those texts and resends it.
+                # those texts and resends it (the decode, or a handler's own texts).
                 return MISS, {"missing": missing.digests, "sources": self.sources.summary()}, None
-            result = handler(self.context, payload)
             bundle = capture.encode(result, policy=self._destination, persistent_id=self._persistent_id,
                                     label="result")
         except BaseException as exc:  # user code may raise anything, PolicyKill included
@@ -286,6 +286,7 @@ class RequestLoop:
             capture.clear_caches()  # compiled code and load plans
             self._tenant = tenant
         store = self.sources if hygiene.DISABLED else self.sources.tenant(tenant)
+        self.context.sources = store
         if form == "bytes":
             if len(frames) != 1:
                 raise BadMessage(f"a request in bytes form has one frame, not {len(frames)}")

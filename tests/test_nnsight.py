@@ -457,3 +457,49 @@ def test_functools_is_refused_under_the_ndif_allowlist(model, profile_workers):
     frame = _last_frame(failure.value)
     assert (frame.filename, frame.lineno) == (__file__, _line_of("# functools-line"))
     assert "functools" in str(failure.value) and "ndif-allowlist" in str(failure.value)
+
+
+# --- repeated traces: the second identical trace sends its digest alone -----------------
+
+
+def _normalized_trace(model, normalize, **options):
+    with model.trace("The Eiffel Tower is in Paris", **options):
+        first = normalize(model.transformer.h[0].output).save()
+        last_norm = model.transformer.h[-1].output.norm(dim=-1).save()
+    return first, last_norm
+
+
+def _bytes_written(worker, trace):
+    before = worker.stats()["bytes_sent"]
+    result = trace()
+    return result, worker.stats()["bytes_sent"] - before
+
+
+def test_a_repeated_trace_sends_only_its_digest(model, mymethods, routed):
+    first, first_bytes = _bytes_written(routed, lambda: _normalized_trace(model, mymethods.normalize, remote="local"))
+    again, again_bytes = _bytes_written(routed, lambda: _normalized_trace(model, mymethods.normalize, remote="local"))
+    assert again_bytes <= 400 < first_bytes  # the block, its variables and normalize's source stayed there
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    local = _normalized_trace(model, mymethods.normalize)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(again, local))
+
+
+def test_a_restarted_worker_answers_a_repeated_trace_through_the_miss_path(model, mymethods):
+    import os
+    import signal
+    import time
+
+    import runner
+
+    with runner.Worker(model="tiny-gpt2") as worker:
+        backend = sourcebox_nnsight.WorkerBackend(worker)
+        first = _normalized_trace(model, mymethods.normalize, backend=backend)
+        status = worker.status()
+        os.kill(status["worker_pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while worker.status()["restarts"] == status["restarts"] or worker.status()["state"] != "ready":
+            assert time.monotonic() < deadline, "the supervisor did not restart the worker"
+            time.sleep(0.05)
+        again, sent = _bytes_written(worker, lambda: _normalized_trace(model, mymethods.normalize, backend=backend))
+        assert worker.stats()["resends"] == 1  # the digest missed in the new, empty store, then the request went
+        assert sent > 400 and all(torch.equal(a, b) for a, b in zip(first, again))
