@@ -22,7 +22,10 @@ import re
 import sys
 import threading
 import types
+import weakref
 from typing import Any
+
+import msgpack
 
 from . import handlers
 from . import nnsight_compat as compat
@@ -87,7 +90,7 @@ class WorkerBackend:
             line = block.line_reading(_root_name(error.path))
             error.add_note(f"(read by the traced block at {block.file}:{line})")
             raise _at_user_lines(error, [(block.file, line, block.name)]) from None
-        data = capture.dumps(request)
+        data = msgpack.packb(request, use_bin_type=True)  # plain data: strings, numbers, the variables bundle
         digest = _request_digest(data)
 
         def build(known):  # an identical trace again sends the digest alone
@@ -167,6 +170,12 @@ def bind_result(tracer: Any, result: dict) -> None:
     compat.bind_saved(tracer.info.frame, saved)
 
 
+# Per block node (nnsight keeps one per traced block): what a repeated trace would
+# otherwise work out again from the file's text and the AST every time.
+_block_sources: "weakref.WeakKeyDictionary[ast.AST, str]" = weakref.WeakKeyDictionary()
+_block_names: "weakref.WeakKeyDictionary[ast.AST, frozenset[str]]" = weakref.WeakKeyDictionary()
+
+
 class _Block:
     """The traced block as the user wrote it: file, enclosing function, AST, lines."""
 
@@ -176,17 +185,25 @@ class _Block:
         self.first, self.last = self.node.body[0].lineno, self.node.end_lineno
 
     def source(self) -> str:
-        # The text nnsight parsed the block from, so the lines match the node's.
-        return "".join(compat.traced_source(self.file).splitlines(keepends=True)[self.first - 1:self.last])
+        # The text nnsight parsed the block from (it reads each file once and keeps the
+        # node), so the lines match the node's, and a node's text never changes.
+        text = _block_sources.get(self.node)
+        if text is None:
+            text = _block_sources[self.node] = "".join(
+                compat.traced_source(self.file).splitlines(keepends=True)[self.first - 1:self.last])
+        return text
 
-    def names_read(self) -> set[str]:
+    def names_read(self) -> frozenset[str]:
         """Names the block reads from its surroundings (loads, deletes, augmented targets)."""
-        names = set()
-        for child in self._walk():
-            if isinstance(child, ast.Name) and isinstance(child.ctx, (ast.Load, ast.Del)):
-                names.add(child.id)
-            elif isinstance(child, ast.AugAssign) and isinstance(child.target, ast.Name):
-                names.add(child.target.id)
+        names = _block_names.get(self.node)
+        if names is None:
+            found = set()
+            for child in self._walk():
+                if isinstance(child, ast.Name) and isinstance(child.ctx, (ast.Load, ast.Del)):
+                    found.add(child.id)
+                elif isinstance(child, ast.AugAssign) and isinstance(child.target, ast.Name):
+                    found.add(child.target.id)
+            names = _block_names[self.node] = frozenset(found)
         return names
 
     def line_reading(self, name: str | None) -> int:
@@ -339,10 +356,20 @@ def _stored_request(context: Any, payload: Any) -> dict:
         raise TraceRefused(f"the trace request does not match its digest {digest!r}")
     elif store is not None:
         store[digest] = data
-    request = capture.loads(data, policy=capture.DATA_ONLY, label="trace request")
-    if not isinstance(request, dict):
-        raise TraceRefused(f"a trace request is a dict, not a {type(request).__name__}")
+    try:
+        request = msgpack.unpackb(data, raw=False)
+    except Exception as error:  # msgpack reports malformed input with assorted types
+        raise TraceRefused(f"the trace request is not readable: {error}") from None
+    problems = [key for key, kind in _REQUEST_FIELDS.items()
+                if not isinstance(request, dict) or not isinstance(request.get(key), kind)]
+    if problems:
+        raise TraceRefused(f"the trace request lacks or mistypes {', '.join(problems)}; send it with WorkerBackend")
     return request
+
+
+#: The fields of a trace request (``build_request``) and their types.
+_REQUEST_FIELDS = {"model": str, "call": str, "file": str, "line": int, "name": str, "source": str, "globals": list,
+                   "variables": bytes}
 
 
 def handle_trace(context: Any, payload: Any) -> dict:
@@ -436,7 +463,7 @@ def _resolve_call(model: Any, name: str) -> Any:
 
 def _worker_objects(model: Any, tracer: Any):
     """``persistent_load`` for capture: tokens become the worker's own objects."""
-    envoys = {envoy.path: envoy for envoy in model.modules()}
+    envoys: dict = {}  # path -> envoy, listed on the first envoy or module token (most traces send none)
 
     def persistent_load(token: str) -> Any:
         if token == _MODEL:
@@ -448,6 +475,8 @@ def _worker_objects(model: Any, tracer: Any):
         for prefix, part in ((_ENVOY, lambda envoy: envoy), (_MODULE, compat.envoy_module)):
             if token.startswith(prefix):
                 path = token[len(prefix):]
+                if not envoys:
+                    envoys.update((envoy.path, envoy) for envoy in model.modules())
                 if path not in envoys:
                     raise TraceRefused(f"the worker's model has no module at {path!r}")
                 return part(envoys[path])

@@ -503,3 +503,17 @@ def test_a_restarted_worker_answers_a_repeated_trace_through_the_miss_path(model
         again, sent = _bytes_written(worker, lambda: _normalized_trace(model, mymethods.normalize, backend=backend))
         assert worker.stats()["resends"] == 1  # the digest missed in the new, empty store, then the request went
         assert sent > 400 and all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_a_trace_request_under_a_false_digest_is_refused_and_never_kept(sourcebox_worker):
+    import msgpack
+
+    import runner
+
+    honest = msgpack.packb({"model": "m"}, use_bin_type=True)
+    false_name = sourcebox_nnsight._request_digest(b"another request")
+    with pytest.raises(Exception, match="does not match its digest"):
+        sourcebox_worker.request(sourcebox_nnsight.TRACE_REQUEST, {"digest": false_name, "request": honest})
+    # Not kept: the same name alone is a miss (resent once, as it was, then given up).
+    with pytest.raises(runner.RunnerError, match="does not hold"):
+        sourcebox_worker.request(sourcebox_nnsight.TRACE_REQUEST, {"digest": false_name})
