@@ -3,8 +3,8 @@
 
 ``python -m benchmarks.trace_breakdown [--rounds N]`` prints a table and the JSON; import
 ``measure(rounds)`` for the numbers. Whole traces are timed interleaved (as
-``benchmarks.traces``); each part is timed on its own, in this process, on the same
-request:
+``benchmarks.traces``, but with this process's torch threads set to the worker's);
+each part is timed on its own, in this process, on the same request:
 
 - nnsight's client side: entering ``model.trace`` and capturing the block, up to the
   backend call (a backend that runs nothing);
@@ -31,6 +31,8 @@ from .traces import PROMPT
 from .usercode import write_and_import
 
 LOCAL, NNSIGHT_LOCAL, WORKER = "local trace", "nnsight remote='local' (in-process)", "sourcebox remote='local'"
+# References for the transport: a round trip to the supervisor, and an empty call through the worker.
+PING, EMPTY_CALL = "worker.ping() (client <-> supervisor)", "worker.call(empty) (through the worker)"
 
 
 def _best(operation: Callable[[], Any], rounds: int, count: int = 20) -> float:
@@ -41,6 +43,7 @@ def measure(rounds: int = 15) -> dict:
     """Whole-trace times (median over interleaved rounds, ratios per round) and the parts."""
     import capture
     import runner
+    import torch
     from nnsight import LanguageModel
     from runner import handlers, models
     from runner import nnsight as sourcebox_nnsight
@@ -55,16 +58,20 @@ def measure(rounds: int = 15) -> dict:
         model = LanguageModel(models.path("tiny-gpt2"))
     worker = runner.Worker(model="tiny-gpt2", device="cpu")
     try:
+        # The same thread budget on both sides: on a busy machine a 2-thread local forward
+        # against the worker's 1 thread measures contention, not the request path.
+        torch.set_num_threads(worker.status()["threads"])
         backend = sourcebox_nnsight.WorkerBackend(worker)
+        empty = user.helpers.empty
         samples = interleaved({LOCAL: lambda: body(model, PROMPT),
                                NNSIGHT_LOCAL: lambda: body(model, PROMPT, remote="local"),
-                               WORKER: lambda: body(model, PROMPT, backend=backend)}, repeats=rounds)
+                               WORKER: lambda: body(model, PROMPT, backend=backend),
+                               PING: worker.ping, EMPTY_CALL: lambda: worker.call(empty)}, repeats=rounds)
         parts = _parts(model, user, rounds, worker.policy, capture, handlers, sourcebox_nnsight)
     finally:
         worker.close()
     whole = {name: summarize(values) for name, values in samples.items()}
-    ours = whole[WORKER]["median"]
-    parts["transport and worker loop (the rest)"] = ours - sum(parts.values())
+    parts["the rest: transport, worker loop, between-request checks"] = whole[WORKER]["median"] - sum(parts.values())
     return {"whole": whole,
             "worker_to_nnsight_local": paired_ratios(samples[WORKER], samples[NNSIGHT_LOCAL]),
             "worker_to_local": paired_ratios(samples[WORKER], samples[LOCAL]),
@@ -80,8 +87,9 @@ def _parts(model: Any, user: Any, rounds: int, policy: Any, capture: Any, handle
     def keep(tracer: Any) -> None:  # times what needs the live tracer
         request = taken["request"] = sourcebox_nnsight.build_request(tracer, policy)
         taken["build_request"] = _best(lambda: sourcebox_nnsight.build_request(tracer, policy), rounds)
-        digest = sourcebox_nnsight._request_digest(capture.dumps(request))
-        taken["encode"] = _best(lambda: capture.encode({"digest": digest, "request": capture.dumps(request)}), rounds)
+        digest = sourcebox_nnsight._request_digest(sourcebox_nnsight._request_bytes(request))
+        taken["encode"] = _best(lambda: capture.encode(
+            {"digest": digest, "request": sourcebox_nnsight._request_bytes(request)}), rounds)
         tracer.execute(tracer.info.code)  # so the body's names are bound
 
     def client_side() -> None:
@@ -91,12 +99,12 @@ def _parts(model: Any, user: Any, rounds: int, policy: Any, capture: Any, handle
             pass
 
     user.trace.first_and_last_layer(model, PROMPT, backend=keep)
-    data = capture.dumps(taken["request"])
+    data = sourcebox_nnsight._request_bytes(taken["request"])
     payload = {"digest": sourcebox_nnsight._request_digest(data), "request": data}
     parts = {
         "nnsight client: enter trace, capture the block": _best(client_side, rounds),
         "build_request (block source, variables, their bundle)": taken["build_request"],
-        "encode the request (dumps + request bundle)": taken["encode"],
+        "encode the request (its bytes + the request bundle)": taken["encode"],
     }
     # Last: the worker's handler resets nnsight's per-file source cache, which this
     # process's own traces of the same file read.

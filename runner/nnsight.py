@@ -90,7 +90,7 @@ class WorkerBackend:
             line = block.line_reading(_root_name(error.path))
             error.add_note(f"(read by the traced block at {block.file}:{line})")
             raise _at_user_lines(error, [(block.file, line, block.name)]) from None
-        data = msgpack.packb(request, use_bin_type=True)  # plain data: strings, numbers, the variables bundle
+        data = _request_bytes(request)
         digest = _request_digest(data)
 
         def build(known):  # an identical trace again sends the digest alone
@@ -153,6 +153,11 @@ def build_request(tracer: Any, policy: Any = None) -> dict:
         "globals": global_names,
         "variables": bundle.to_bytes(),
     }
+
+
+def _request_bytes(request: dict) -> bytes:
+    """A trace request on the wire: plain data (strings, numbers, the variables' bundle)."""
+    return msgpack.packb(request, use_bin_type=True)
 
 
 def _request_digest(data: bytes) -> str:
