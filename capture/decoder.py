@@ -131,8 +131,6 @@ class Decoder:
         self.tenant = tenant
         self.frames = frames
         self.dest = destination if destination is not None else DEFAULT
-        self.persistent_load = persistent_load
-        self.device = device
         self.nodes: list = header["nodes"]
         self.sources: list[tuple[str, str | None]] = []
         self.segments = read_segments(header["sources"], source_store, self.sources)
@@ -286,7 +284,7 @@ class Decoder:
     def _odict(self, index: int, fields: list) -> dict:
         return self._dict(index, fields, _new_ordered_dict)
 
-    def _dict(self, index: int, fields: list, new: Callable = None) -> dict:
+    def _dict(self, index: int, fields: list, new: Callable | None = None) -> dict:
         result = self.run(index, new or _new_dict)
         pairs = []
         for pair in _expect(fields[0], list, "dict items"):
