@@ -206,7 +206,8 @@ def _value_kind(obj: Any) -> str | None:
 
 class DataDecoder(Decoder):
     """A ``Decoder`` restricted to ``DATA_TAGS``, with references, instances and
-    ``reduce`` nodes checked as the module docstring says."""
+    ``reduce`` nodes checked as the module docstring says. Single-use and not thread-safe,
+    like ``Decoder``; it records no plan (every data-only load is checked afresh)."""
 
     def __init__(self, *args: Any, label: str = "obj", **kwargs: Any):
         super().__init__(*args, **kwargs)
