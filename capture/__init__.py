@@ -87,8 +87,8 @@ def decode(header: bytes | memoryview, frames: Sequence[Any], *, policy: Any = N
         plan = _decoder.cached_plan(key, policy or DEFAULT)
         if plan is not None:
             return _replay(plan, frames, persistent_load, device, source_store)
-    parsed, _ = _format.unpack_header(header)
-    return _decode(parsed, frames, policy, persistent_load, device, source_store, label, tenant, key)
+    parsed, size = _format.unpack_header(header)
+    return _decode(parsed, frames, policy, persistent_load, device, source_store, label, tenant, key, size)
 
 
 def loads(data: bytes | bytearray | memoryview, *, policy: Any = None,
@@ -112,8 +112,8 @@ def loads(data: bytes | bytearray | memoryview, *, policy: Any = None,
             return _replay(plan, frames, persistent_load, device, source_store)
     header, start = _format.unpack_header(view)
     frames = _format.split_frames(view, start, header["frames"])
-    return _decode(header, frames, policy, persistent_load, device, source_store, label, tenant, key,
-                   (start, view))
+    return _decode(header, frames, policy, persistent_load, device, source_store, label, tenant, key, start,
+                   view)
 
 
 def _bytes_view(buffer: Any) -> memoryview:
@@ -123,9 +123,9 @@ def _bytes_view(buffer: Any) -> memoryview:
 
 def _decode(header: dict, frames: list, policy: Any, persistent_load: Any, device: str | None,
             source_store: MutableMapping[str, str] | None, label: str, tenant: str = "", key: tuple | None = None,
-            whole: tuple[int, memoryview] | None = None) -> Any:
+            header_end: int = 0, whole: memoryview | None = None) -> Any:
     """A first load; with ``key``, its plan is kept for the next load of the same bytes
-    (``whole``: where the frame area of ``loads``' bytes starts, and the bytes)."""
+    (``header_end``: where the header ends, or the frame area of ``whole``, ``loads``' bytes)."""
     if len(frames) != len(header["frames"]):
         raise BundleError(f"the bundle lists {len(header['frames'])} frames but {len(frames)} came with it")
     try:
@@ -137,11 +137,10 @@ def _decode(header: dict, frames: list, policy: Any, persistent_load: Any, devic
         if key is not None:
             plan = decoder.plan()
             if whole is not None:
-                start, view = whole
-                plan.header_end, plan.frame_table = start, header["frames"]
-                if start > _decoder.PREFIX:  # the key covers only the first bytes: check the rest on use
-                    plan.header_digest = _hashlib.sha256(view[:start]).digest()
-            _decoder.keep_plan(key, plan)
+                plan.header_end, plan.frame_table = header_end, header["frames"]
+                if header_end > _decoder.PREFIX:  # the key covers only the first bytes: check the rest on use
+                    plan.header_digest = _hashlib.sha256(whole[:header_end]).digest()
+            _decoder.keep_plan(key, plan, header_end)
         return value
     except RecursionError:
         raise BundleError("the bundle nests too deeply to rebuild") from None

@@ -858,7 +858,7 @@ class Plan:
     """
 
     __slots__ = ("dest", "tenant", "template", "steps", "root", "tags", "sources", "frame_count",
-                 "shipped_imports", "header_end", "header_digest", "frame_table")
+                 "shipped_imports", "header_end", "header_digest", "frame_table", "size")
 
     def __init__(self, dest: Any, tenant: str, template: list, steps: list, root: Any, tags: list,
                  sources: list, frame_count: int, shipped_imports: bool):
@@ -867,6 +867,7 @@ class Plan:
         self.header_end = 0  # loads(): where the frame area starts, and the header's digest
         self.header_digest = b""
         self.frame_table: list = []
+        self.size = 0  # header bytes, for the cache's bound
 
     def instantiate(self, frames: Sequence[memoryview], persistent_load: Any, device: str | None,
                     source_store: MutableMapping[str, str] | None) -> Any:
@@ -907,8 +908,11 @@ def _check_sources(sources: list, store: MutableMapping[str, str] | None) -> Non
         raise MissingSources(missing)
 
 
-#: Plans kept, least recently used dropped first.
+#: Plans kept, least recently used dropped first. A plan holds its header's values
+#: (parsed), so plans are bounded by header bytes too: one for a larger header is not kept.
 MAX_PLANS = 256
+MAX_PLAN_BYTES = 1 << 20
+MAX_PLANS_BYTES = 16 << 20
 #: ``loads`` keys a plan by the digest of its first bytes (the header, when it is shorter).
 PREFIX = 4096
 _plans: "collections.OrderedDict[tuple, Plan]" = collections.OrderedDict()
@@ -923,7 +927,7 @@ def plan_key(kind: str, data: memoryview, dest: Any, tenant: str) -> tuple:
 
 
 PlanCacheInfo = collections.namedtuple("PlanCacheInfo", "hits misses plans")
-_counts = {"hits": 0, "misses": 0}
+_counts = {"hits": 0, "misses": 0, "bytes": 0}
 
 
 def cached_plan(key: tuple, dest: Any) -> Plan | None:
@@ -943,11 +947,17 @@ def plan_cache_info() -> PlanCacheInfo:
         return PlanCacheInfo(_counts["hits"], _counts["misses"], len(_plans))
 
 
-def keep_plan(key: tuple, plan: Plan) -> None:
+def keep_plan(key: tuple, plan: Plan, size: int) -> None:
+    """Keep ``plan`` (of a header of ``size`` bytes) for repeat loads, within the bounds."""
+    if size > MAX_PLAN_BYTES:
+        return
+    plan.size = size
     with _plans_lock:
+        previous = _plans.pop(key, None)
+        _counts["bytes"] += size - (previous.size if previous is not None else 0)
         _plans[key] = plan
-        while len(_plans) > MAX_PLANS:
-            _plans.popitem(last=False)
+        while len(_plans) > MAX_PLANS or _counts["bytes"] > MAX_PLANS_BYTES:
+            _counts["bytes"] -= _plans.popitem(last=False)[1].size
 
 
 def clear_plans() -> None:
@@ -955,6 +965,7 @@ def clear_plans() -> None:
     tenant next drops what the previous one's bundles compiled to."""
     with _plans_lock:
         _plans.clear()
+        _counts["bytes"] = 0
 
 
 def _remember_definitions(cls: type, module: str, qualname: str) -> None:

@@ -211,3 +211,22 @@ def test_a_replay_registers_shipped_lines_again_after_they_were_released(statefu
         capture.loads(data)
         assert linecache.getline(path, line) == "def joined(*parts):\n"
     capture.release_lines()
+
+
+def test_plans_are_bounded_by_the_header_bytes_they_hold(monkeypatch):
+    """A plan keeps its header's values alive: one for a large header is not kept, and all
+    plans together stay within their byte bound."""
+    capture.clear_caches()
+    monkeypatch.setattr(decoder, "MAX_PLAN_BYTES", 2000)
+    monkeypatch.setattr(decoder, "MAX_PLANS_BYTES", 3000)
+    large = capture.dumps(list(range(1000)))
+    for _ in range(2):
+        before = capture.plan_cache_info()
+        assert capture.loads(large) == list(range(1000))
+        assert capture.plan_cache_info().hits == before.hits  # never replayed: not kept
+    for n in range(20):
+        small = capture.dumps([n] * 100)  # a 256-byte header
+        capture.loads(small)
+        assert capture.loads(small) == [n] * 100
+    assert 0 < capture.plan_cache_info().plans <= 3000 // 256
+    capture.clear_caches()
