@@ -230,3 +230,17 @@ def test_plans_are_bounded_by_the_header_bytes_they_hold(monkeypatch):
         assert capture.loads(small) == [n] * 100
     assert 0 < capture.plan_cache_info().plans <= 3000 // 256
     capture.clear_caches()
+
+
+def test_a_plan_made_under_one_sandbox_profile_is_not_used_under_a_stricter_one():
+    import functools
+
+    import sandbox
+
+    permissive, strict = sandbox.Policy.load("default"), sandbox.Policy.load("ndif-allowlist")
+    data = capture.dumps([functools.reduce], policy=permissive)
+    for _ in range(2):
+        assert capture.loads(data, policy=permissive) == [functools.reduce]
+    for _ in range(2):
+        with pytest.raises(ImportError, match="functools"):
+            capture.loads(data, policy=strict)
