@@ -143,9 +143,7 @@ class Decoder:
         self.ready: set[int] = set()
         self.class_attributes: list[tuple[int, dict]] = []
         self.pending: dict[int, list[Callable]] = {}
-        shipped_imports = any(node[0] == fmt.FUNCTION and isinstance(node[1], dict) and node[1].get("imports")
-                              for node in self.nodes if isinstance(node, list) and len(node) > 1)
-        self.load = _Load(frames, self.dest, persistent_load, device, shipped_imports)
+        self.load = _Load(frames, self.dest, persistent_load, device, False)
         self.steps: list | None = [] if record else None
         self.current = -1  # the node whose builder runs now (named when a step fails)
 
@@ -356,6 +354,10 @@ class Decoder:
         slot = len(self.nodes) + number
         if self.built[slot] is _MISSING:
             record = _expect(records[number], dict, "module record")
+            if self.load.builtins is None:  # the first module: do relative imports need the bundle's modules?
+                self.load.shipped_imports = any(
+                    node[0] == fmt.FUNCTION and isinstance(node[1], dict) and node[1].get("imports")
+                    for node in self.nodes if isinstance(node, list) and len(node) > 1)
             self.run(slot, partial(_new_module, _expect(record.get("name"), str, "module name"),
                                    record.get("file"), record.get("package")))
         return slot
