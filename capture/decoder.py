@@ -882,7 +882,7 @@ class Plan:
         slots = self.template.copy()
         owner = -1
         try:
-            for index, step, owner in self.steps:
+            for index, step, owner in self.steps:  # noqa: B007 (owner: read by the except below)
                 result = step(slots, load)
                 if index is not None:
                     slots[index] = result
