@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Container
+from typing import Any, Callable, Container, Sequence
 
 import capture
 import numpy
@@ -283,12 +283,17 @@ class RayExecutor(concurrent.futures.Executor):
 
         return self._pool.submit(self._run, "call", encode, self.timeout)
 
-    def request(self, kind: str, payload: Any, *, timeout: float | None = None) -> Any:
-        """Send ``payload`` to the handler of request ``kind`` and return its result (as
-        ``Worker.request``; ``runner.nnsight.install(executor)`` sends traces this way)."""
+    def request(self, kind: str, payload: Any = None, *, timeout: float | None = None,
+                build: Callable[[Container[str]], tuple[Any, Sequence[str]]] | None = None) -> Any:
+        """Send ``payload`` (or what ``build(known)`` makes) to the handler of request ``kind``
+        and return its result (as ``Worker.request``; ``runner.nnsight.install(executor)``
+        sends traces this way)."""
         def encode(known: Container[str]) -> capture.Bundle:
-            return capture.encode(payload, policy=self.policy, persistent_id=model_token, label="payload",
-                                  known_sources=known)
+            value, kept = build(known) if build is not None else (payload, ())
+            bundle = capture.encode(value, policy=self.policy, persistent_id=model_token, label="payload",
+                                    known_sources=known)
+            bundle.source_digests.extend(kept)
+            return bundle
 
         return self._pool.submit(self._run, kind, encode, self.timeout if timeout is None else timeout).result()
 
