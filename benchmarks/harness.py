@@ -9,7 +9,7 @@ import tempfile
 import traceback
 from typing import Any, Callable
 
-from . import hygiene, jobrunners, machine, plots, report, serialization, targets, traces, transport
+from . import goals, hotpath, hygiene, jobrunners, machine, plots, report, serialization, targets, traces, transport
 from .measure import Progress
 from .settings import Settings
 from .usercode import write_and_import
@@ -42,9 +42,11 @@ def run(settings: Settings, progress: Progress) -> dict:
     results["hygiene"] = _phase(results, "hygiene", {"status": "failed"}, lambda: hygiene.run(settings, progress))
     results["jobrunners"] = _phase(results, "jobrunners", {"status": "failed"},
                                    lambda: jobrunners.run(settings, progress))
+    results["hot"] = _phase(results, "hot", {"status": "failed"}, lambda: hotpath.run(settings, progress))
     results["duration_s"] = progress.elapsed()
     results["machine"]["load_average_at_end"] = machine.load_average()
     results["targets"] = targets.judge(results)
+    results["goals"] = goals.judge(results)
     return results
 
 

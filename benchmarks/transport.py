@@ -158,6 +158,7 @@ def _empty_call(worker: Any, pipe: PipeWorker, user: UserCode, settings: Setting
     samples = interleaved(contenders, repeats=settings.call_repeats, warmup=3)
     return {"times": {name: summarize(values) for name, values in samples.items()},
             "ratio_to_pipe": paired_ratios(samples[WORKER], samples[PIPE]),
+            "ratio_to_ping": paired_ratios(samples[WORKER], samples[PING]),
             "request_bytes": request_bytes, "pipe_payload_bytes": pipe.payload_bytes(empty)}
 
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from benchmarks import baselines, harness, hygiene, plots, report, serialization, targets, transport
+from benchmarks import baselines, goals, harness, hygiene, plots, report, serialization, targets, transport
 from benchmarks.measure import Progress, interleaved, paired_ratios
 from benchmarks.settings import QUICK
 from benchmarks.usercode import write_and_import
@@ -102,3 +102,33 @@ def test_a_code_payload_over_cloudpickle_by_value_is_explained(committed_results
     assert verdict["verdict"] == targets.MISSED
     sentence = next(text for text in verdict["analysis"] if text.startswith(library["title"]))
     assert "1.20x" in sentence and "compressing bundles on the wire" in sentence
+
+
+def test_issue_15_targets_are_judged_from_the_run_with_one_row_per_target(committed_results):
+    keys = [entry.key for entry in goals.ROWS]
+    assert keys == ["empty_call", "trace_vs_nnsight", "trace_vs_local", "warm_loads", "repeated_trace_bytes",
+                    "start", "restart", "zero_copy_argument", "cold_loads"]
+    results = copy.deepcopy(committed_results)
+    judged = {entry["key"]: entry for entry in goals.judge(results)}
+    assert judged["start"]["verdict"] == goals.NOT_MEASURED and "hot phase" in judged["start"]["measured"]
+    assert judged["cold_loads"]["verdict"] == goals.REPORT
+    latency = results["traces"]["latency"][0]
+    latency["worker_to_local"]["median"] = 1.29
+    assert {e["key"]: e for e in goals.judge(results)}["trace_vs_local"]["verdict"] == goals.PASS
+    latency["worker_to_local"]["median"] = 1.31
+    entry = {e["key"]: e for e in goals.judge(results)}["trace_vs_local"]
+    assert entry["verdict"] == goals.MISS and "1.31x" in entry["measured"] and entry["limit"] == "<= 1.30x"
+    # One scenario over the limit is a miss for the row.
+    code = [record for record in results["serialization"] if record["kind"] == "code"]
+    for record in code:
+        record["ratios"][baselines.CLOUDPICKLE_BY_VALUE]["loads_warm"]["median"] = 0.5
+    assert {e["key"]: e for e in goals.judge(results)}["warm_loads"]["verdict"] == goals.PASS
+    code[-1]["ratios"][baselines.CLOUDPICKLE_BY_VALUE]["loads_warm"]["median"] = 1.01
+    assert {e["key"]: e for e in goals.judge(results)}["warm_loads"]["verdict"] == goals.MISS
+    results["hot"] = {"status": "ok", "start": {"spec": "tiny-gpt2", "ratio": {"median": 1.1},
+                                                "times": {"ready": {"median": 3.3}, "floor": {"median": 3.0}}},
+                      "restart": {"spec": "tiny-gpt2", "times": {"median": 1.6, "max": 1.7, "n": 3},
+                                  "failed_calls": 0}}
+    judged = {entry["key"]: entry for entry in goals.judge(results)}
+    assert judged["start"]["verdict"] == goals.PASS and judged["restart"]["verdict"] == goals.MISS
+    assert "## Targets of issue 15" in "\n".join(report.markdown(results, None, []).splitlines())

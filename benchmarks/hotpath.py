@@ -1,0 +1,115 @@
+"""Issue 15's runner measurements: worker start against its floor, the next call after a
+crash, and a large argument that was allocated in transport memory.
+
+- **Start**: ``runner.Worker(model=...)`` until it answers (a fresh supervisor and worker:
+  imports, ``sandbox.enter``, model load, warm-up, hygiene baseline), interleaved with
+  the floor: a fresh interpreter that imports torch, transformers and nnsight and loads
+  the same model with ``runner.models.load``, timed from its spawn to the model loaded.
+- **Restart**: the worker process is killed (``SIGKILL``) while idle; the time from the
+  kill to the first call served after it (on a new worker), and how many calls failed
+  with ``WorkerCrashed`` before it (a call handed to the dead worker).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .measure import Progress, paired_ratios, summarize
+from .settings import Settings
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = "tiny-gpt2"
+WORKER_DEVICE = "cpu"
+# The floor's child: the imports every model worker needs, then the model load; it prints
+# the monotonic clock (system-wide on Linux) when the model is loaded.
+_FLOOR = ("import sys, time, json\n"
+          "import torch, transformers, nnsight\n"
+          "imported = time.monotonic()\n"
+          "from runner import models\n"
+          "models.load(sys.argv[1], 'cpu')\n"
+          "print(json.dumps({'imported': imported, 'loaded': time.monotonic()}))\n")
+
+
+def run(settings: Settings, progress: Progress) -> dict:
+    import runner  # noqa: F401  (the phase fails, recorded, where the runner is missing)
+
+    return {"status": "ok", "start": _start(settings, progress), "restart": _restart(settings, progress)}
+
+
+def _floor(spec: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])),
+               OPENBLAS_NUM_THREADS="1")
+    spawned = time.monotonic()
+    completed = subprocess.run([sys.executable, "-c", _FLOOR, spec], cwd=REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
+    if completed.returncode != 0:
+        raise RuntimeError(f"the import-floor child failed: {completed.stderr.strip()[-2000:]}")
+    marks = json.loads(completed.stdout.strip().splitlines()[-1])
+    return {"floor": marks["loaded"] - spawned, "imports": marks["imported"] - spawned,
+            "model_load": marks["loaded"] - marks["imported"]}
+
+
+def _ready(spec: str) -> float:
+    import runner
+
+    started = time.monotonic()
+    worker = runner.Worker(model=spec, device=WORKER_DEVICE)
+    ready = time.monotonic() - started
+    worker.close()
+    return ready
+
+
+def _start(settings: Settings, progress: Progress) -> dict:
+    from runner import models
+
+    models.path(SPEC)  # built once, outside the timing
+    samples: dict[str, list[float]] = {"ready": [], "floor": [], "imports": [], "model_load": []}
+    for round_index in range(settings.start_repeats):
+        progress(f"hot: start round {round_index + 1}/{settings.start_repeats}: worker ready and import floor")
+        # Alternating order, as interleaved() does, so neither always follows the other.
+        order = ("ready", "floor") if round_index % 2 == 0 else ("floor", "ready")
+        for name in order:
+            if name == "ready":
+                samples["ready"].append(_ready(SPEC))
+            else:
+                for key, value in _floor(SPEC).items():
+                    samples[key].append(value)
+    return {"spec": SPEC, "times": {name: summarize(values) for name, values in samples.items()},
+            "ratio": paired_ratios(samples["ready"], samples["floor"])}
+
+
+def _restart(settings: Settings, progress: Progress) -> dict:
+    import runner
+
+    progress(f"hot: restart: killing an idle {SPEC} worker {settings.start_repeats} times, timing the next call")
+    worker = runner.Worker(model=SPEC, device=WORKER_DEVICE)
+    samples, failed = [], 0
+    try:
+        worker.call(_answer)
+        for _ in range(settings.start_repeats):
+            pid = worker.status()["worker_pid"]
+            killed = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            while True:  # a call the dead worker was handed fails; the time runs until one is served
+                try:
+                    answer = worker.call(_answer)
+                    break
+                except runner.WorkerCrashed:
+                    failed += 1
+            samples.append(time.monotonic() - killed)
+            if answer != 42 or worker.status()["worker_pid"] == pid:
+                raise RuntimeError(f"after killing worker {pid} the call returned {answer!r} from "
+                                   f"worker {worker.status()['worker_pid']}")
+        restarts = worker.status()["restarts"]
+    finally:
+        worker.close()
+    return {"spec": SPEC, "times": summarize(samples), "failed_calls": failed, "restarts": restarts}
+
+
+def _answer() -> Any:
+    return 42
