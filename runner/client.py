@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Container, Sequence
 
 import capture
@@ -84,6 +84,9 @@ class _Pending:
     resent: bool = False               # sent again with all its text after a miss
     raw_reply: bool = False            # run_bytes: hand back the outcome bytes
     outcome: bool = False              # run_frames: hand back the Outcome, decoding nothing
+    # What the frames view (capture's compact copy of a sliced tensor, say): the frames
+    # are raw views that do not keep it alive themselves.
+    keepalive: list = field(default_factory=list)
 
 
 class Worker:
@@ -276,6 +279,7 @@ class Worker:
     def _encode(entry: _Pending, known: Container[str]) -> None:
         bundle = entry.encode(known)
         entry.frames = [bundle.header, *bundle.frames]
+        entry.keepalive = bundle.keepalive
         entry.source_digests = tuple(bundle.source_digests)
 
     def _transmit(self, link: ServerConnection, request_id: int, entry: _Pending) -> None:
