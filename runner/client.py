@@ -12,6 +12,7 @@ import atexit
 import collections
 import concurrent.futures
 import itertools
+import math
 import os
 import platform
 import subprocess
@@ -143,7 +144,7 @@ class Worker:
         self._closed = False
         #: Bytes of request frames (bundle headers and tensor frames) this client has sent.
         self.bytes_sent = 0
-        self._requests = self._resends = 0
+        self._requests = self._resends = self._bytes_in_place = 0
         _open_workers.add(self)
         self.socket_path = os.path.abspath(socket) if socket is not None else None
         self.policy = None
@@ -284,9 +285,10 @@ class Worker:
 
     def _transmit(self, link: ServerConnection, request_id: int, entry: _Pending) -> None:
         frames = entry.frames
-        link.send(REQUEST, request_id, entry.meta, frames)
+        in_place = link.send(REQUEST, request_id, entry.meta, frames)
         with self._lock:
             self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
+            self._bytes_in_place += in_place
 
     def _control(self, kind: str) -> dict:
         self._recover_if_lost()
@@ -305,10 +307,39 @@ class Worker:
         """This client's own counters: ``requests`` submitted, ``bytes_sent`` (request
         frames, resends included), ``resends`` (requests sent again with their source
         text after the worker answered ``miss``) and ``known_sources`` (source segments
-        it believes the worker holds, so sends by digest alone)."""
+        it believes the worker holds, so sends by digest alone) and ``bytes_in_place`` (request
+        frames that travelled in the transport memory they were made in, ``empty``: not copied)."""
         with self._lock:
             return {"requests": self._requests, "bytes_sent": self.bytes_sent, "resends": self._resends,
-                    "known_sources": len(self._known)}
+                    "known_sources": len(self._known), "bytes_in_place": self._bytes_in_place}
+
+    def empty(self, shape, dtype=None) -> Any:
+        """A CPU ``torch`` tensor of ``shape`` (uninitialized) in transport memory: passed in
+        a request (it, or a view of all of it), its bytes travel as a handle, never copied.
+
+        The worker reads it in place while the request runs: do not write to it until that
+        request's result is back (``call`` returns, or ``submit``'s future is done). Writing
+        to it afterwards changes nothing the worker returned: results arrive in memory of
+        their own. The memory is freed when the tensor and its views are gone.
+        """
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
+        count = math.prod(shape) if isinstance(shape, (tuple, list)) else int(shape)
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(shm.allocate(nbytes), dtype=dtype, count=count).view(shape)
+
+    def empty_array(self, shape, dtype=float) -> Any:
+        """``empty`` for ``numpy``: an uninitialized ndarray in transport memory, same rules."""
+        import numpy
+
+        dtype = numpy.dtype(dtype)
+        count = math.prod(shape) if isinstance(shape, (tuple, list)) else int(shape)
+        if count * dtype.itemsize == 0:
+            return numpy.empty(shape, dtype=dtype)
+        return numpy.frombuffer(shm.allocate(count * dtype.itemsize), dtype=dtype, count=count).reshape(shape)
 
     def ping(self) -> float:
         """Round-trip time to the server in seconds."""

@@ -159,6 +159,7 @@ class Staged:
     inline: list
     fds: list
     buffer: Any
+    in_place: int = 0  # bytes of frames sent in the transport memory they already lay in
 
 
 class ConnectionClosed(ProtocolError, EOFError):
@@ -240,12 +241,21 @@ class Connection:
             raise ValueError(f"a message carries at most {MAX_FRAMES} frames, not {len(frames)}")
         fds = list(fds)
         descriptors, inline, large = [], [], []
+        in_place = 0
         for index, frame in enumerate(frames):
             if isinstance(frame, SharedRef):
                 descriptors.append([SHARED, frame.fd, frame.offset, frame.length])
             else:
                 view = frame_view(frame)
-                if self.pool is not None and view.nbytes >= self.shm_threshold:
+                # A frame already in transport memory travels as its descriptor and offset
+                # (room is kept for one pool buffer's descriptor).
+                placed = self.pool.locate(view) if self.pool is not None else None
+                if placed is not None and (placed[0] in fds or len(fds) < MAX_FDS - 1):
+                    if placed[0] not in fds:
+                        fds.append(placed[0])
+                    descriptors.append([SHARED, fds.index(placed[0]), placed[1], view.nbytes])
+                    in_place += view.nbytes
+                elif self.pool is not None and view.nbytes >= self.shm_threshold:
                     descriptors.append(None)  # filled in once the buffer exists
                     large.append((index, view))
                 else:
@@ -272,7 +282,7 @@ class Connection:
             if buffer is not None:
                 self.pool.release(buffer)
             raise
-        return Staged(descriptors, [bytes(view) for view in inline] if own else inline, fds, buffer)
+        return Staged(descriptors, [bytes(view) for view in inline] if own else inline, fds, buffer, in_place)
 
     def send_staged(self, kind: str, request_id: int, meta: dict | None, staged: "Staged"):
         """Send a staged message; return its pool buffer (see ``send``)."""

@@ -55,13 +55,15 @@ class ServerConnection:
                 raise WorkerCrashed(self.lost)
             self._pending[request_id] = entry
 
-    def send(self, kind: str, request_id: int, meta: dict | None = None, frames: Sequence[Any] = ()) -> None:
-        """Send a message whose answer is ``expect``\\ ed. A send the server did not take
-        unregisters it and raises ``WorkerCrashed`` (the next call recovers); any other
-        failure (nothing went out) is raised as it is."""
+    def send(self, kind: str, request_id: int, meta: dict | None = None, frames: Sequence[Any] = ()) -> int:
+        """Send a message whose answer is ``expect``\\ ed; return the bytes of its frames
+        that travelled in the transport memory they lay in (``Worker.empty``). A send the
+        server did not take unregisters it and raises ``WorkerCrashed`` (the next call
+        recovers); any other failure (nothing went out) is raised as it is."""
         send = self.leases.sending(request_id)
         try:
-            lease = self._conn.send(kind, request_id, meta, frames)
+            staged = self._conn.stage(frames)
+            lease = self._conn.send_staged(kind, request_id, meta, staged)
         except BaseException as exc:
             self.leases.forget(request_id, send)
             with self._lock:
@@ -71,6 +73,7 @@ class ServerConnection:
                     from None
             raise
         self.leases.sent(send, lease)
+        return staged.in_place
 
     def post(self, kind: str) -> None:
         """Send a message that expects no answer (``stop`` on the way out)."""

@@ -9,6 +9,8 @@ anyone leaves nothing behind.
   page faults), sealed against shrinking so a mapping of them can never fault past the end.
 - The worker maps a request's memfds for that request only (``RequestMemory``) and
   lets go of them before it replies.
+- Transport memory (``allocate``): a memfd the client's own tensors live in (``Worker.empty``),
+  sealed like the pool's; a request frame inside it travels as its descriptor, not copied.
 - The worker's results: a fresh memfd per reply, written without mapping it, then sealed
   read-only (``F_SEAL_WRITE``); the client maps it copy-on-write (``map_result``), so its
   tensor is writable and zero-copy, and nothing in the worker can change it any more.
@@ -37,6 +39,7 @@ RESULT_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fc
 # they turn a protection off so the tests can show its attack working without it.
 KEEP_REQUEST_MEMORY = os.environ.get("SOURCEBOX_TEST_KEEP_REQUEST_MEMORY") == "1"
 UNSEALED_RESULTS = os.environ.get("SOURCEBOX_TEST_UNSEALED_RESULTS") == "1"
+SHARED_REQUEST_MAPPINGS = os.environ.get("SOURCEBOX_TEST_SHARED_REQUEST_MAPPINGS") == "1"
 # What those switches keep alive on purpose.
 _kept: list = []
 
@@ -140,6 +143,10 @@ class BufferPool:
                 self._idle.remove(largest)
                 largest.close()
 
+    def locate(self, view: memoryview) -> tuple[int, int] | None:
+        """Where ``view`` already lies in transport memory (``allocate``): it travels as is."""
+        return locate(view)
+
     def stats(self) -> dict:
         with self._lock:
             return {"idle": len(self._idle), "leased": len(self._leased),
@@ -154,6 +161,59 @@ class BufferPool:
                 buffer.close()
             self._idle.clear()
             self._leased.clear()
+
+
+class _Region(mmap.mmap):
+    """A memfd mapped shared whose descriptor lives exactly as long as the mapping object
+    (``allocate``); a subclass so that it can carry the descriptor and be weakly referenced."""
+
+
+_regions: dict[int, tuple[weakref.ref, int, int]] = {}  # start address -> (region, size, fd)
+_regions_lock = threading.Lock()
+
+
+def allocate(nbytes: int) -> mmap.mmap:
+    """Writable transport memory of at least ``nbytes``: a memfd sealed against shrinking
+    and growing (what the supervisor and the worker check), with its pages reserved, mapped
+    shared here. A frame that lies inside it is sent as its descriptor and offset, without a
+    copy (``locate``). The memfd is closed when the returned object (and every tensor or
+    array made over it) is gone."""
+    size = max(mmap.PAGESIZE, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+    fd = _memfd("sourcebox-transport", size)
+    try:
+        os.posix_fallocate(fd, 0, size)  # out of memory fails here, not as a SIGBUS later
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUEST_SEALS | fcntl.F_SEAL_GROW)
+        region = _Region(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    anchor = ctypes.c_char.from_buffer(region)
+    address = ctypes.addressof(anchor)
+    del anchor  # an export of the mapping; the address stays valid as long as the region
+    with _regions_lock:
+        _regions[address] = (weakref.ref(region), size, fd)
+    weakref.finalize(region, _forget, address, fd)
+    return region
+
+
+def _forget(address: int, fd: int) -> None:
+    with _regions_lock:
+        _regions.pop(address, None)
+    os.close(fd)
+
+
+def locate(view: memoryview) -> tuple[int, int] | None:
+    """``(fd, offset)`` when ``view`` lies inside memory from ``allocate``, else ``None``."""
+    if not _regions or view.readonly or view.nbytes == 0:
+        return None
+    anchor = ctypes.c_char.from_buffer(view)
+    start = ctypes.addressof(anchor)
+    del anchor
+    with _regions_lock:
+        for address, (ref, size, fd) in _regions.items():
+            if address <= start and start + view.nbytes <= address + size and ref() is not None:
+                return fd, start - address
+    return None
 
 
 class SealedBuffer:
@@ -189,6 +249,11 @@ class SealedWriter:
 
     def lease(self, nbytes: int) -> SealedBuffer:
         return SealedBuffer(max(nbytes, 1))
+
+    def locate(self, view: memoryview) -> None:
+        """Never in place: a result goes out in a fresh memfd sealed against writes, which
+        the client requires, so no frame of a reply travels in memory the worker could change."""
+        return None
 
     def release(self, buffer: SealedBuffer) -> None:
         if UNSEALED_RESULTS:
@@ -242,10 +307,12 @@ def _views(refs, holders) -> list:
 
 
 class RequestMemory:
-    """A request's memfds, mapped shared for the request's duration only.
+    """A request's memfds, mapped for the request's duration only.
 
     ``views(refs)`` maps each memfd once, closes its descriptor at once, and returns
-    writable views of the frames. ``release()`` drops the mappings before the reply, so no
+    writable views of the frames. The mapping is copy-on-write (``MAP_PRIVATE``): reading
+    is zero-copy, and what the request writes stays in this process, so a client's own
+    tensor lent in transport memory (``Worker.empty``) cannot be changed by the worker. ``release()`` drops the mappings before the reply, so no
     later request finds the client's data in ``/proc/self/fd``, ``/proc/self/maps`` or
     ``/proc/self/mem``. A mapping that user code still views (a tensor it kept) is
     replaced in place by a private copy of its bytes, so the kept tensor stays valid and
@@ -260,7 +327,8 @@ class RequestMemory:
         try:
             for index in sorted({ref.fd for ref in refs}):
                 size = check_request_fd(fds[index], f"file descriptor {index} of the request")
-                holder, address = _map(fds[index], size, mmap.MAP_SHARED)
+                holder, address = _map(fds[index], size,
+                                       mmap.MAP_SHARED if SHARED_REQUEST_MAPPINGS else mmap.MAP_PRIVATE)
                 holders[index] = holder, size
                 self._mapped.append((weakref.ref(holder), address, size))
             return _views(refs, holders)

@@ -1,0 +1,116 @@
+"""Arguments made in transport memory (``Worker.empty``): they travel as a handle, the
+worker cannot change them, and reusing them after a call changes no result (issue 15)."""
+import importlib
+import os
+import sys
+
+import numpy
+import pytest
+import torch
+
+import runner
+from runner import shm
+
+HELPERS = '''
+def total(t):
+    return float(t.double().sum())
+
+def echo(t):
+    return t
+
+def scribble(t):
+    t.add_(100)   # in place, on the worker's view of the argument
+    return float(t.double().sum())
+'''
+
+
+@pytest.fixture(scope="module")
+def helpers(tmp_path_factory):
+    """Imported here from a directory the worker cannot see: the helpers travel as source."""
+    directory = tmp_path_factory.mktemp("inplace")
+    (directory / "inplace_helpers.py").write_text(HELPERS)
+    sys.path.insert(0, str(directory))
+    try:
+        yield importlib.import_module("inplace_helpers")
+    finally:
+        sys.path.remove(str(directory))
+        sys.modules.pop("inplace_helpers", None)
+
+
+@pytest.fixture(scope="module")
+def worker():
+    with runner.Worker(model="none") as worker:
+        yield worker
+
+
+def test_a_tensor_made_in_transport_memory_travels_without_a_copy(worker, helpers):
+    tensor = worker.empty((256, 1024))  # 1 MiB of float32
+    tensor.fill_(1.0)
+    before = worker.stats()["bytes_in_place"]
+    assert worker.call(helpers.total, tensor) == 256 * 1024
+    assert worker.stats()["bytes_in_place"] - before == tensor.nbytes
+    # A view of all of it travels in place too (its storage is the transport memory); a
+    # slice goes as the compact copy capture makes of the part it views.
+    before = worker.stats()["bytes_in_place"]
+    assert worker.call(helpers.total, tensor.view(-1)) == 256 * 1024
+    assert worker.stats()["bytes_in_place"] - before == tensor.nbytes
+    # CONTROL: an ordinary tensor of the same size is copied into the pool.
+    ordinary = torch.ones(256, 1024)
+    before = worker.stats()["bytes_in_place"]
+    assert worker.call(helpers.total, ordinary) == 256 * 1024
+    assert worker.stats()["bytes_in_place"] == before
+
+
+def test_writing_the_tensor_after_a_call_changes_no_result_already_returned(worker, helpers):
+    tensor = worker.empty((1 << 20,))
+    tensor.fill_(1.0)
+    first = worker.call(helpers.echo, tensor)
+    tensor.fill_(2.0)  # reused for the next call
+    second = worker.call(helpers.echo, tensor)
+    assert torch.equal(first, torch.ones(1 << 20)) and torch.equal(second, torch.full((1 << 20,), 2.0))
+    # The results are memory of their own, not views of the argument.
+    second.fill_(3.0)
+    assert float(tensor[0]) == 2.0 and float(first[0]) == 1.0
+
+
+def test_a_numpy_array_in_transport_memory(worker, helpers):
+    array = worker.empty_array((512, 512), numpy.float64)
+    array[:] = 0.5
+    before = worker.stats()["bytes_in_place"]
+    assert numpy.array_equal(worker.call(helpers.echo, array), array)
+    assert worker.stats()["bytes_in_place"] - before == array.nbytes
+    assert worker.empty((0, 3)).shape == (0, 3)
+
+
+def test_transport_memory_is_sealed_against_shrinking_and_freed_with_its_tensor(worker):
+    tensor = worker.empty((1 << 18,))
+    fd, offset = shm.locate(memoryview(tensor.numpy()).cast("B"))
+    assert offset == 0
+    with pytest.raises(PermissionError):
+        os.ftruncate(fd, 0)  # a shrink under the worker's mapping would SIGBUS it
+    assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:sourcebox-transport")
+    del tensor
+    assert shm.locate(memoryview(bytearray(16))) is None
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with the tensor
+
+
+@pytest.mark.parametrize("control", [False, True], ids=["protected", "CONTROL-shared-request-mappings"])
+def test_the_worker_cannot_change_a_tensor_the_client_lent_it(helpers, monkeypatch, control):
+    if control:
+        monkeypatch.setenv("SOURCEBOX_TEST_SHARED_REQUEST_MAPPINGS", "1")
+    with runner.Worker(model="none") as worker:
+        tensor = worker.empty((1 << 16,))
+        tensor.fill_(1.0)
+        # The worker saw its own write...
+        assert worker.call(helpers.scribble, tensor) == 101.0 * (1 << 16)
+    # ...which reaches the client's tensor only when the worker maps requests shared.
+    assert float(tensor[0]) == (101.0 if control else 1.0)
+
+
+def test_a_slice_of_a_larger_tensor_arrives_intact(worker, helpers):
+    # capture sends a slice as a compact copy of the part it views; that copy must live
+    # until the request is sent (it was freed before, and the worker read garbage).
+    whole = torch.arange(256 * 1024, dtype=torch.float32).reshape(256, 1024)
+    for rows in (8, 33, 200):
+        assert torch.equal(worker.call(helpers.echo, whole[:rows]), whole[:rows])
