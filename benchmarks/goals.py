@@ -196,8 +196,6 @@ def _zero_copy(results: dict) -> "list[Reading] | NotMeasured":
     hot = _phase(results, "hot")
     if isinstance(hot, NotMeasured):
         return hot
-    if "zero_copy" not in hot:
-        return NotMeasured(hot.get("zero_copy_reason", "this run did not measure it"))
     zero_copy = hot["zero_copy"]
     return [Reading(zero_copy["ratio_to_empty"]["median"],
                     detail=f"{time_text(zero_copy['times']['in_place']['median'])} against "

@@ -5,6 +5,10 @@ crash, and a large argument that was allocated in transport memory.
   imports, ``sandbox.enter``, model load, warm-up, hygiene baseline), interleaved with
   the floor: a fresh interpreter that imports torch, transformers and nnsight and loads
   the same model with ``runner.models.load``, timed from its spawn to the model loaded.
+- **Zero copy from the producer**: a 64 MiB float32 argument made with ``worker.empty`` and
+  filled in place, against an empty call and the same argument as an ordinary tensor
+  (copied into the client's pool), interleaved; the function returns its type's name, so
+  the request is what is timed.
 - **Restart**: the worker process is killed (``SIGKILL``) while idle; the time from the
   kill to the first call served after it (on a new worker), and how many calls failed
   with ``WorkerCrashed`` before it (a call handed to the dead worker).
@@ -19,8 +23,8 @@ import sys
 import time
 from typing import Any
 
-from .measure import Progress, paired_ratios, summarize
-from .settings import Settings
+from .measure import Progress, interleaved, paired_ratios, summarize
+from .settings import MIB, Settings
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = "tiny-gpt2"
@@ -38,7 +42,31 @@ _FLOOR = ("import sys, time, json\n"
 def run(settings: Settings, progress: Progress) -> dict:
     import runner  # noqa: F401  (the phase fails, recorded, where the runner is missing)
 
-    return {"status": "ok", "start": _start(settings, progress), "restart": _restart(settings, progress)}
+    return {"status": "ok", "zero_copy": _zero_copy(settings, progress), "start": _start(settings, progress),
+            "restart": _restart(settings, progress)}
+
+
+def _zero_copy(settings: Settings, progress: Progress) -> dict:
+    import torch
+
+    import runner
+
+    progress("hot: a 64 MiB argument made in transport memory, against an empty call")
+    nbytes = 64 * MIB
+    with runner.Worker(model="none", device=WORKER_DEVICE) as worker:
+        in_place = worker.empty((nbytes // 4,))
+        in_place.copy_(torch.randn(nbytes // 4, generator=torch.Generator().manual_seed(7)))
+        copied = in_place.clone()
+        before = worker.stats()["bytes_in_place"]
+        if worker.call(_kind, in_place) != "Tensor" or worker.stats()["bytes_in_place"] - before != nbytes:
+            raise RuntimeError("the argument made with worker.empty did not travel in place")
+        samples = interleaved({"empty": lambda: worker.call(_kind, None),
+                               "in_place": lambda: worker.call(_kind, in_place),
+                               "copied": lambda: worker.call(_kind, copied)},
+                              repeats=settings.call_repeats, warmup=2)
+    return {"tensor_bytes": nbytes, "times": {name: summarize(values) for name, values in samples.items()},
+            "ratio_to_empty": paired_ratios(samples["in_place"], samples["empty"]),
+            "copied_to_empty": paired_ratios(samples["copied"], samples["empty"])}
 
 
 def _floor(spec: str) -> dict:
@@ -113,3 +141,7 @@ def _restart(settings: Settings, progress: Progress) -> dict:
 
 def _answer() -> Any:
     return 42
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__

@@ -128,7 +128,10 @@ def test_issue_15_targets_are_judged_from_the_run_with_one_row_per_target(commit
     results["hot"] = {"status": "ok", "start": {"spec": "tiny-gpt2", "ratio": {"median": 1.1},
                                                 "times": {"ready": {"median": 3.3}, "floor": {"median": 3.0}}},
                       "restart": {"spec": "tiny-gpt2", "times": {"median": 1.6, "max": 1.7, "n": 3},
-                                  "failed_calls": 0}}
+                                  "failed_calls": 0},
+                      "zero_copy": {"ratio_to_empty": {"median": 1.4},
+                                    "times": {name: {"median": 1e-3} for name in ("in_place", "empty", "copied")}}}
     judged = {entry["key"]: entry for entry in goals.judge(results)}
     assert judged["start"]["verdict"] == goals.PASS and judged["restart"]["verdict"] == goals.MISS
+    assert judged["zero_copy_argument"]["verdict"] == goals.PASS
     assert "## Targets of issue 15" in "\n".join(report.markdown(results, None, []).splitlines())
