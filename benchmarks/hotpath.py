@@ -9,15 +9,14 @@ crash, and a large argument that was allocated in transport memory.
   filled in place, against an empty call and the same argument as an ordinary tensor
   (copied into the client's pool), interleaved; the function returns its type's name, so
   the request is what is timed.
-- **Restart**: the worker process is killed (``SIGKILL``) while idle; the time from the
-  kill to the first call served after it (on a new worker), and how many calls failed
-  with ``WorkerCrashed`` before it (a call handed to the dead worker).
+- **Restart**: once the server's standby worker is ready, a call kills its worker
+  (``SIGKILL`` to itself); the time from that call's ``WorkerCrashed`` to the next call's
+  result (served by a new worker), and how many calls failed before one was served.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -114,24 +113,28 @@ def _start(settings: Settings, progress: Progress) -> dict:
 def _restart(settings: Settings, progress: Progress) -> dict:
     import runner
 
-    progress(f"hot: restart: killing an idle {SPEC} worker {settings.start_repeats} times, timing the next call")
+    progress(f"hot: restart: crashing a {SPEC} worker {settings.start_repeats} times, timing the next call")
     worker = runner.Worker(model=SPEC, device=WORKER_DEVICE)
     samples, failed = [], 0
     try:
         worker.call(_answer)
         for _ in range(settings.start_repeats):
+            _wait_for_standby(worker)
             pid = worker.status()["worker_pid"]
-            killed = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
-            while True:  # a call the dead worker was handed fails; the time runs until one is served
+            try:
+                worker.call(_crash)
+                raise RuntimeError("a call that kills its worker returned")
+            except runner.WorkerCrashed:
+                crashed = time.monotonic()
+            while True:  # the time runs until a call is served; any that fails first is counted
                 try:
                     answer = worker.call(_answer)
                     break
                 except runner.WorkerCrashed:
                     failed += 1
-            samples.append(time.monotonic() - killed)
+            samples.append(time.monotonic() - crashed)
             if answer != 42 or worker.status()["worker_pid"] == pid:
-                raise RuntimeError(f"after killing worker {pid} the call returned {answer!r} from "
+                raise RuntimeError(f"after worker {pid} crashed the call returned {answer!r} from "
                                    f"worker {worker.status()['worker_pid']}")
         restarts = worker.status()["restarts"]
     finally:
@@ -139,8 +142,27 @@ def _restart(settings: Settings, progress: Progress) -> dict:
     return {"spec": SPEC, "times": summarize(samples), "failed_calls": failed, "restarts": restarts}
 
 
+def _wait_for_standby(worker: Any, seconds: float = 120.0) -> None:
+    """Until the server's standby worker is confined and waiting (a crash right after the
+    last one would find it still importing), or the server keeps none."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        standby = worker.status().get("standby")
+        if standby is None or standby["state"] == "ready":
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the server's standby worker was not ready within {seconds:g}s")
+
+
 def _answer() -> Any:
     return 42
+
+
+def _crash() -> None:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _kind(value: Any) -> str:

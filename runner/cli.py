@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--verbose", action="store_true",
                        help="log the worker's full sandbox report at each start, not only the one-line summary "
                             "(the report is also in `python -m runner status`)")
+    serve.add_argument("--no-standby", action="store_true",
+                       help="keep no standby worker (imported and confined ahead, so that a restart after a "
+                            "crash or retirement only loads the model): saves its memory, restarts take longer")
     serve.add_argument("--test-only-trust-worker-channel", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--python", default=None,
                        help="run the worker on this interpreter: a version (3.12, from pyenv) or the python of "
@@ -149,7 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
         owner_pid=args.owner, secret=secret, threads=args.threads, max_clients=args.max_clients,
         max_queued_bytes=args.max_queued_bytes, handshake_timeout=args.handshake_timeout,
         send_timeout=args.send_timeout, trust_worker_channel=args.test_only_trust_worker_channel,
-        isolate_clients=args.isolate_clients, verbose=args.verbose,
+        isolate_clients=args.isolate_clients, verbose=args.verbose, standby=not args.no_standby,
     )
     return supervisor.serve()
 

@@ -34,8 +34,8 @@ import psutil
 from . import envs, errors, shm
 from .child import Child
 from .errors import BadMessage, ProtocolError, describe_exit, failure
-from .protocol import (PING, REQUEST, STARTED, STATS, STOP, SUPERVISOR, WORKER, Connection, Message, READY,
-                       answers)
+from .protocol import (PING, PROMOTE, REQUEST, STANDBY, STANDING_BY, STARTED, STATS, STOP, SUPERVISOR, WORKER,
+                       Connection, Message, READY, answers)
 
 # How often a wait on the worker wakes to check its memory, deadline and health.
 POLL_SECONDS = 0.05
@@ -50,8 +50,9 @@ CHANNEL_READ_SECONDS = 5.0
 #: remove those whose server was killed before it could (``kill -9``).
 _SCRATCH_PREFIX = "sourcebox-scratch-"
 # What _wait_message waits for at start-up: not a message the supervisor sent, the
-# worker's one STARTED message.
+# worker's one STARTED message (a standby's STANDING_BY first).
 _START = "start"
+_STANDBY = "standby"
 
 
 class StartFailed(Exception):
@@ -125,6 +126,9 @@ class WorkerHandle:
     info: dict = field(default_factory=dict)
     gpu_bytes: int | None = None
     last_ping: float = 0.0
+    standby: bool = False  # started with --standby: waits for PROMOTE before its model
+    greeted: bool = False  # versions exchanged
+    entered: bool = False  # a standby that said it is imported and confined
 
     @property
     def pid(self) -> int:
@@ -143,7 +147,7 @@ class WorkerLifecycle:
     def __init__(self, *, model: str, device: str, policy: str | None, confine: str, handlers: tuple[str, ...],
                  shm_threshold: int, threads: int, start_timeout: float, send_timeout: float,
                  memory_limit: int | None, trust_worker_channel: bool, verbose: bool,
-                 say: Callable[[str], None], log, python: str | None = None):
+                 say: Callable[[str], None], log, python: str | None = None, standby: bool = True):
         self.model, self.device, self.policy, self.confine = model, device, policy, confine
         self.handlers, self.shm_threshold, self.threads = handlers, shm_threshold, threads
         self.start_timeout, self.send_timeout, self.memory_limit = start_timeout, send_timeout, memory_limit
@@ -153,6 +157,10 @@ class WorkerLifecycle:
         self._say, self._log = say, log
         self.python = python  # the worker's interpreter (serve --python); None: ours
         self.worker: WorkerHandle | None = None
+        # A worker started ahead (imported, confined, waiting for its model): a restart
+        # promotes it instead of starting from nothing (serve --no-standby: none is kept).
+        self.keep_standby = standby
+        self.standby: WorkerHandle | None = None
         self.restarts = self.retirements = 0
         self.last_crash: str | None = None
         self._request_ids = itertools.count(1)
@@ -171,7 +179,9 @@ class WorkerLifecycle:
                 self._say(f"restart attempt {attempt} failed: {exc}")
                 time.sleep(attempt)
 
-    def _start(self) -> None:
+    def _spawn(self, *, standby: bool = False) -> WorkerHandle:
+        """A new worker process; it greets, imports, confines itself and (a ``standby``)
+        waits for PROMOTE before it loads the model. Nothing is read from it here."""
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # A worker that stops reading must not stall our sends to it either.
         set_send_timeout(parent_end, self.send_timeout)
@@ -182,6 +192,8 @@ class WorkerLifecycle:
                 "--shm-threshold", str(self.shm_threshold), "--scratch", scratch, "--threads", str(self.threads)]
         if self.policy:
             argv += ["--policy", self.policy]
+        if standby:
+            argv.append("--standby")
         # Temporary files the worker's libraries make before confinement (torch's
         # torchinductor_<user> cache at import) land in its scratch, removed with it.
         # cwd is the scratch directory so `-m` puts nothing of the user's on sys.path.
@@ -190,12 +202,24 @@ class WorkerLifecycle:
         child = Child(argv, on_line=self._log_line, merge_stdout=True, pass_fds=(child_end.fileno(),),
                       cwd=scratch, env={"TMPDIR": scratch}, base_env=base, name="worker-output")
         child_end.close()
-        worker = WorkerHandle(child, Connection(parent_end), scratch, _ChannelDeadline(parent_end))
+        return WorkerHandle(child, Connection(parent_end), scratch, _ChannelDeadline(parent_end), standby=standby)
+
+    def _start(self) -> None:
+        worker, self.standby = self.standby or self._spawn(), None
         try:
-            with worker.watch.bound(self.start_timeout):
-                worker.conn.greet(peer=f"worker pid {worker.pid}")
-            message = self._wait_message(worker, time.monotonic() + self.start_timeout, _START)
-            message.close()
+            self._greet(worker)
+            message = None
+            if worker.standby:
+                if not worker.entered:
+                    message = self._wait_message(worker, time.monotonic() + self.start_timeout, _STANDBY)
+                    message.close()
+                if message is None or message.kind == STANDBY:
+                    _unnice(worker.pid)
+                    worker.conn.send(PROMOTE, 0)
+                    message = None
+            if message is None:
+                message = self._wait_message(worker, time.monotonic() + self.start_timeout, _START)
+                message.close()
         except (WorkerLost, ProtocolError, OSError) as exc:
             self._dispose(worker)
             raise StartFailed(f"{exc}\n{worker.output_tail()}".strip()) from None
@@ -207,10 +231,45 @@ class WorkerLifecycle:
         self.worker = worker
         info = message.meta
         # One line per start; the full sandbox report with --verbose, or from `status`.
-        self._say(f"worker {worker.pid} ready in {info.get('load_seconds', 0):.1f}s: model {info.get('model')} on "
+        self._say(f"worker {worker.pid} ready in {info.get('load_seconds', 0):.1f}s"
+                  f"{' (a standby, promoted)' if worker.standby else ''}: model {info.get('model')} on "
                   f"{info.get('device')}, policy {info.get('policy')}, {info.get('confinement')}")
         if self._verbose and info.get("sandbox"):
             self._say(str(info["sandbox"]))
+        if self.keep_standby:
+            # Started now, after the worker is ready, so it never slows a start; it runs
+            # at a lower CPU priority until promoted (runner/worker.py).
+            self.standby = self._spawn(standby=True)
+
+    def _greet(self, worker: WorkerHandle) -> None:
+        if not worker.greeted:
+            with worker.watch.bound(self.start_timeout):
+                worker.conn.greet(peer=f"worker pid {worker.pid}")
+            worker.greeted = True
+
+    def check_standby(self) -> None:
+        """Take the standby's word that it is confined and waiting, when it has come (no
+        wait); one that failed or died is dropped, and the next restart starts afresh."""
+        standby = self.standby
+        if standby is None or standby.entered:
+            return
+        try:
+            if standby.child.poll() is not None:
+                raise WorkerLost(errors.CRASHED, "it died")
+            if not select.select([standby.conn.sock], [], [], 0)[0]:
+                return
+            self._greet(standby)
+            if not select.select([standby.conn.sock], [], [], 0)[0]:
+                return
+            message = self._read(standby)
+            message.close()
+            if message.kind != STANDBY:
+                raise WorkerLost(errors.CRASHED, f"it sent {message.kind!r}: {message.meta.get('error')}")
+            standby.entered = True
+        except (WorkerLost, ProtocolError, OSError) as exc:
+            self.standby = None
+            self._dispose(standby)
+            self._say(f"standby worker {standby.pid} dropped: {exc}\n{standby.output_tail()}".rstrip())
 
     def _log_line(self, text: str) -> None:
         try:
@@ -231,6 +290,7 @@ class WorkerLifecycle:
                 raise WorkerLost(errors.TIMEOUT if what == REQUEST else errors.CRASHED,
                                  {REQUEST: "the request ran past its time limit",
                                   _START: f"the worker did not become ready in {self.start_timeout:g}s",
+                                  _STANDBY: f"the standby worker did not confine itself in {self.start_timeout:g}s",
                                   PING: f"the worker did not answer a ping in {_PING_TIMEOUT:g}s"}[what])
             self.check_memory(worker)
             readable, _, _ = select.select([worker.conn.sock], [], [], min(POLL_SECONDS, deadline - now))
@@ -247,7 +307,7 @@ class WorkerLifecycle:
                     message.close()
                     continue
                 return message
-            expected = STARTED if what == _START else answers(SUPERVISOR, WORKER, what)
+            expected = {_START: STARTED, _STANDBY: STANDING_BY}.get(what) or answers(SUPERVISOR, WORKER, what)
             if message.kind in expected and (wanted_id is None or message.id == wanted_id):
                 return message
             message.close()
@@ -285,7 +345,11 @@ class WorkerLifecycle:
         """Before a request goes out, nothing but stats may be waiting on the channel: the
         worker was asked nothing, so anything else was written by user code."""
         while select.select([worker.conn.sock], [], [], 0)[0]:
-            message = self._read(worker)
+            try:
+                message = self._read(worker)
+            except WorkerLost as lost:
+                lost.rerun = True  # the request about to be sent did nothing to it
+                raise
             message.close()
             if message.kind != STATS:
                 raise WorkerLost(errors.CRASHED, f"the worker sent {message.kind!r} for id {message.id} "
@@ -308,10 +372,13 @@ class WorkerLifecycle:
         request_id = self._new_id()
         if not self._trust_worker_channel:
             self._drain(worker)
+        if worker.child.poll() is not None:
+            # It died while idle, before this request reached it: the request runs on the next one.
+            raise WorkerLost(errors.CRASHED, "the worker died while idle", rerun=True)
         try:
             worker.conn.send(REQUEST, request_id, meta, frames, fds)
-        except OSError:
-            raise WorkerLost(errors.CRASHED, "the worker died") from None
+        except OSError:  # its end was closed: it died before this request reached it
+            raise WorkerLost(errors.CRASHED, "the worker died", rerun=True) from None
         reply = self._wait_message(worker, deadline, REQUEST, request_id)
         worker.last_ping = time.monotonic()
         if "sources" in reply.meta:
@@ -320,6 +387,7 @@ class WorkerLifecycle:
 
     def check_idle(self) -> None:
         """Between requests: is the worker alive, within its memory limit, answering pings?"""
+        self.check_standby()
         worker = self.worker
         if worker.child.poll() is not None:
             raise WorkerLost(errors.CRASHED, "the worker died while idle")
@@ -377,7 +445,10 @@ class WorkerLifecycle:
         self._say(f"worker {worker.pid} retired: {reason}")
 
     def stop(self) -> None:
-        """Ask the worker to end, kill it after a grace period, clean up after it."""
+        """Ask the worker to end, kill it after a grace period, clean up after it (and the standby)."""
+        standby, self.standby = self.standby, None
+        if standby is not None:
+            self._dispose(standby)
         worker, self.worker = self.worker, None
         if worker is None:
             return
@@ -407,6 +478,15 @@ def sweep_orphan_scratch() -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def _unnice(pid: int) -> None:
+    """Give a promoted standby (still its only thread) the normal CPU priority back; where
+    this server may not raise priorities (not root), it keeps the lower one."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, 0)
+    except OSError:
+        pass
 
 
 def set_send_timeout(sock: socket.socket, seconds: float) -> None:

@@ -56,6 +56,12 @@ HELLO, WELCOME, AUTH, OWNER = "hello", "welcome", "auth", "owner"
 REQUEST, REPLY, MISS, ERROR = "request", "reply", "miss", "error"
 PING, PONG, STATUS, WAIT_READY, READY = "ping", "pong", "status", "wait_ready", "ready"
 STOP, STOPPING, FAILED, STATS = "stop", "stopping", "failed", "stats"
+STANDBY, PROMOTE = "standby", "promote"
+
+#: What the worker sends once when it has started, or could not.
+STARTED = (READY, FAILED)
+#: What a standby worker sends once it is confined and waits for PROMOTE, or could not start.
+STANDING_BY = (STANDBY, FAILED)
 
 # The four ends of the two links: client <-> server (the supervisor's socket) and
 # supervisor <-> worker (the worker's private channel).
@@ -78,13 +84,13 @@ ROUTES: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
     (SUPERVISOR, WORKER): {
         REQUEST: (REPLY, MISS, ERROR),
         PING: (PONG,),
+        PROMOTE: STARTED,                 # a standby worker loads its model and becomes the worker
         STOP: (),                         # the worker ends
     },
-    # READY or FAILED answer the worker's start; STATS (CUDA memory) come unasked.
-    (WORKER, SUPERVISOR): {kind: () for kind in (READY, FAILED, STATS, REPLY, MISS, ERROR, PONG)},
+    # READY or FAILED answer the worker's start (a standby's: STANDBY, then READY or FAILED
+    # after PROMOTE); STATS (CUDA memory) come unasked.
+    (WORKER, SUPERVISOR): {kind: () for kind in (READY, FAILED, STANDBY, STATS, REPLY, MISS, ERROR, PONG)},
 }
-#: What the worker sends once when it has started, or could not.
-STARTED = (READY, FAILED)
 
 
 def kinds(sender: str, receiver: str) -> tuple[str, ...]:

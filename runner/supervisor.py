@@ -177,7 +177,7 @@ class Supervisor:
                  max_clients: int = DEFAULT_MAX_CLIENTS, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_SECONDS, send_timeout: float = DEFAULT_SEND_SECONDS,
                  trust_worker_channel: bool = False, isolate_clients: bool = False, verbose: bool = False,
-                 log=sys.stderr, python: str | None = None):
+                 standby: bool = True, log=sys.stderr, python: str | None = None):
         self.socket_path = os.path.abspath(socket_path)
         # Given by the Worker that starts us, or made here and written beside the socket.
         self._secret = secret if secret is not None else auth.new_secret()
@@ -194,7 +194,8 @@ class Supervisor:
             model=model, device=device, policy=policy, confine=confine, handlers=handlers,
             shm_threshold=shm_threshold, threads=self.threads, start_timeout=start_timeout,
             send_timeout=send_timeout, memory_limit=memory_limit, trust_worker_channel=trust_worker_channel,
-            verbose=verbose, say=self._say, log=log, python=python)
+            verbose=verbose, say=self._say, log=log, python=python,
+            standby=standby)
         # The worker's interpreter (serve --python; docs/RUNNER.md, "Another Python"); None: ours.
         self.python = python
         self.max_clients, self.max_queued_bytes = max_clients, max_queued_bytes
@@ -618,7 +619,7 @@ class Supervisor:
 
     # -- status and shutdown -----------------------------------------------------------
     def status(self) -> dict:
-        worker = self.life.worker
+        worker, standby = self.life.worker, self.life.standby
         rss = self.life.rss()
         with self._lock:
             queued = sum(len(client.queue) for client in self._clients.values())
@@ -639,6 +640,8 @@ class Supervisor:
             "max_clients": self.max_clients, "max_queued_bytes": self.max_queued_bytes,
             "shm_threshold": self.shm_threshold, "sources": info.get("sources"),
             "python": info.get("python"), "server_python": platform.python_version(),
+            "standby": None if standby is None else {"pid": standby.pid,
+                                                     "state": "ready" if standby.entered else "starting"},
         }
 
     def _shutdown(self) -> None:

@@ -50,14 +50,15 @@ from . import handlers, hygiene
 from .nnsight_compat import torch_module
 from . import errors as errors_module
 from .errors import BadMessage, ProtocolError, describe, failure
-from .protocol import (ERROR, FAILED, MISS, PING, PONG, READY, REPLY, REQUEST, STATS, STOP, SUPERVISOR, WORKER,
-                       Connection, ConnectionClosed, SharedRef, kinds)
+from .protocol import (ERROR, FAILED, MISS, PING, PONG, PROMOTE, READY, REPLY, REQUEST, STANDBY, STATS, STOP,
+                       SUPERVISOR, WORKER, Connection, ConnectionClosed, SharedRef, kinds)
 from .shm import RequestMemory, SealedWriter
 
 _PR_SET_PDEATHSIG = 1
 # Frames of our own machinery are not the user's: tracebacks skip them.
 _OWN_DIRS = tuple(os.path.dirname(package.__file__) + os.sep for package in (capture, sandbox, handlers))
 _GPU_REPORT_SECONDS = 0.5
+_STANDBY_NICE = 10  # a standby's CPU priority until promoted (higher is lower)
 # The source store's bound, in characters of source text (bytes, for ASCII source): room
 # for a few hundred helper modules, small next to a model (docs/RUNNER.md, "Repeated code").
 SOURCE_STORE_CHARS = 32 << 20
@@ -404,6 +405,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shm-threshold", type=int, required=True)
     parser.add_argument("--scratch", required=True, help="the one directory user code may write")
     parser.add_argument("--threads", type=int, required=True, help="threads torch's (OpenMP, MKL) pools may use")
+    parser.add_argument("--standby", action="store_true",
+                        help="import and confine at a lower CPU priority, then wait for 'promote' to load the model")
     return parser.parse_args(argv)
 
 
@@ -419,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.channel_fd)
     sources = SourceStore()
     conn = Connection(sock, pool=SealedWriter(), shm_threshold=args.shm_threshold)
+    if args.standby:
+        # Started ahead of need, next to a worker that serves: yield the CPU to it. The
+        # supervisor restores the priority on promotion, before any other thread exists.
+        os.nice(_STANDBY_NICE)
     try:
         conn.greet(peer="the supervisor")
         try:
@@ -430,12 +437,21 @@ def main(argv: list[str] | None = None) -> int:
                                    confine=args.confine)
             if os.getppid() != args.parent_pid:  # it died while the uid change had disarmed PDEATHSIG
                 os._exit(1)
-            model, device = _load_model(model_dir, args.device)
             if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
-                # Without a model too, confined like a model load: torch's import patches
+                # Without a model too, confined as a model load is: torch's import patches
                 # stdlib modules and registers picklers, which after the baseline would look
                 # like tampering (runner.hygiene) and retire the worker on first use of torch.
                 importlib.import_module("torch")
+            if args.standby:
+                # Imported and confined exactly as any worker; the rest (model load,
+                # warm-up, hygiene baseline) waits until a restart needs this one.
+                conn.send(STANDBY, 0, {"pid": os.getpid()})
+                promotion = conn.recv()
+                promotion.close()
+                if promotion.kind != PROMOTE:
+                    return 0
+                started = time.monotonic()
+            model, device = _load_model(model_dir, args.device)
             if "torch" in sys.modules:
                 _start_thread_pool(sys.modules["torch"])
             _warm_up(model)

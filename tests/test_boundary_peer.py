@@ -2,7 +2,6 @@
 with the worker's channel to the supervisor. Real servers, real client processes, judged
 by effect; each attack has a control with the layer that stops it switched off
 (``runner.auth._SKIP_PEER_CHECKS_FOR_TESTS``, ``serve --test-only-trust-worker-channel``)."""
-import glob
 import os
 import signal
 import subprocess
@@ -406,8 +405,9 @@ def test_reconnecting_gives_up_after_its_bound(private_dir):
 def scratch_of(path):
     with runner.Worker(socket=path) as probe:
         server_pid, worker_pid = probe.server_pid, probe.status()["worker_pid"]
-    [scratch] = [d for d in glob.glob(os.path.join(tempfile.gettempdir(), f"sourcebox-scratch-{server_pid}-*"))
-                 if os.path.isdir(d)]
+    # The worker's cwd is its scratch (a standby worker has another one of its own).
+    scratch = os.readlink(f"/proc/{worker_pid}/cwd")
+    assert os.path.basename(scratch).startswith(f"sourcebox-scratch-{server_pid}-")
     return scratch, worker_pid
 
 
