@@ -35,7 +35,7 @@ from . import envs, errors, shm
 from .child import Child
 from .errors import BadMessage, ProtocolError, describe_exit, failure
 from .protocol import (PING, PROMOTE, REQUEST, STANDBY, STANDING_BY, STARTED, STATS, STOP, SUPERVISOR, WORKER,
-                       Connection, Message, READY, answers)
+                       VERDICT, Connection, Message, READY, answers)
 
 # How often a wait on the worker wakes to check its memory, deadline and health.
 POLL_SECONDS = 0.05
@@ -46,6 +46,8 @@ RESTART_ATTEMPTS = 3
 # A message the worker has begun must be whole within this (1 GiB inline at 200 MB/s):
 # user code can write part of one on the channel and stop.
 CHANNEL_READ_SECONDS = 5.0
+# How often the channel's watchdog looks at the deadline: a read past it ends this much late at most.
+_DEADLINE_TICK = 0.1
 #: Worker scratch directories are named after their server, so that a later server can
 #: remove those whose server was killed before it could (``kill -9``).
 _SCRATCH_PREFIX = "sourcebox-scratch-"
@@ -53,6 +55,8 @@ _SCRATCH_PREFIX = "sourcebox-scratch-"
 # worker's one STARTED message (a standby's STANDING_BY first).
 _START = "start"
 _STANDBY = "standby"
+# What _wait_message waits for after an answer: the worker's VERDICT on itself.
+_VERDICT = "verdict"
 
 
 class StartFailed(Exception):
@@ -73,7 +77,8 @@ class WorkerLost(Exception):
 class _ChannelDeadline:
     """Bounds blocking reads of the worker's channel without touching how they read: past
     the deadline the channel is shut down under the read, which then ends like a dead
-    worker's, and ``tripped`` says why. One thread per worker."""
+    worker's, and ``tripped`` says why. One thread per worker, which looks every
+    ``_DEADLINE_TICK``: setting a deadline wakes nobody, so a read costs no thread switch."""
 
     def __init__(self, sock: socket.socket):
         self._sock = sock
@@ -85,14 +90,11 @@ class _ChannelDeadline:
 
     @contextlib.contextmanager
     def bound(self, seconds: float):
-        with self._cond:
-            self._deadline = time.monotonic() + seconds
-            self._cond.notify()
+        self._deadline = time.monotonic() + seconds  # one assignment: read by the watchdog's next look
         try:
             yield
         finally:
-            with self._cond:
-                self._deadline = None
+            self._deadline = None
 
     def close(self) -> None:
         with self._cond:
@@ -102,11 +104,9 @@ class _ChannelDeadline:
     def _run(self) -> None:
         with self._cond:
             while not self._closed:
-                if self._deadline is None:
-                    self._cond.wait()
-                elif time.monotonic() < self._deadline:
-                    self._cond.wait(self._deadline - time.monotonic())
-                else:
+                self._cond.wait(_DEADLINE_TICK)
+                deadline = self._deadline
+                if deadline is not None and time.monotonic() >= deadline and self._deadline is deadline:
                     self.tripped = True
                     self._deadline = None
                     try:
@@ -164,6 +164,7 @@ class WorkerLifecycle:
         self.restarts = self.retirements = 0
         self.last_crash: str | None = None
         self._request_ids = itertools.count(1)
+        self._answered: int | None = None  # the request whose answer came last: its VERDICT is next
 
     # -- start -------------------------------------------------------------------------
     def start(self, attempts: int = 1) -> None:
@@ -291,6 +292,7 @@ class WorkerLifecycle:
                                  {REQUEST: "the request ran past its time limit",
                                   _START: f"the worker did not become ready in {self.start_timeout:g}s",
                                   _STANDBY: f"the standby worker did not confine itself in {self.start_timeout:g}s",
+                                  _VERDICT: "the worker did not finish checking itself after a request in time",
                                   PING: f"the worker did not answer a ping in {_PING_TIMEOUT:g}s"}[what])
             self.check_memory(worker)
             readable, _, _ = select.select([worker.conn.sock], [], [], min(POLL_SECONDS, deadline - now))
@@ -307,7 +309,8 @@ class WorkerLifecycle:
                     message.close()
                     continue
                 return message
-            expected = {_START: STARTED, _STANDBY: STANDING_BY}.get(what) or answers(SUPERVISOR, WORKER, what)
+            expected = {_START: STARTED, _STANDBY: STANDING_BY, _VERDICT: (VERDICT,)}.get(what) or \
+                answers(SUPERVISOR, WORKER, what)
             if message.kind in expected and (wanted_id is None or message.id == wanted_id):
                 return message
             message.close()
@@ -383,7 +386,16 @@ class WorkerLifecycle:
         worker.last_ping = time.monotonic()
         if "sources" in reply.meta:
             worker.info["sources"] = reply.meta["sources"]
+        self._answered = request_id
         return reply
+
+    def verdict(self, deadline: float) -> str | None:
+        """After ``run``'s answer: the worker's VERDICT on itself, why it must retire or
+        ``None``. Nothing else may come meanwhile. Raises ``WorkerLost``."""
+        message = self._wait_message(self.worker, deadline, _VERDICT, self._answered)
+        message.close()
+        retire = message.meta.get("retire")
+        return None if retire is None else str(retire)
 
     def check_idle(self) -> None:
         """Between requests: is the worker alive, within its memory limit, answering pings?"""
@@ -432,8 +444,8 @@ class WorkerLifecycle:
         return failure(lost.category, lost.reason, returncode=returncode, stderr_tail=worker.output_tail())
 
     def retiring(self) -> None:
-        """Count a retirement now (before the reply that announces it goes out, so a
-        ``status`` after it shows it); ``retire`` follows."""
+        """Count a retirement now (a ``status`` asked after the answer waits for it);
+        ``retire`` follows."""
         self.retirements += 1
 
     def retire(self, reason: str) -> None:

@@ -56,7 +56,7 @@ HELLO, WELCOME, AUTH, OWNER = "hello", "welcome", "auth", "owner"
 REQUEST, REPLY, MISS, ERROR = "request", "reply", "miss", "error"
 PING, PONG, STATUS, WAIT_READY, READY = "ping", "pong", "status", "wait_ready", "ready"
 STOP, STOPPING, FAILED, STATS = "stop", "stopping", "failed", "stats"
-STANDBY, PROMOTE = "standby", "promote"
+STANDBY, PROMOTE, VERDICT = "standby", "promote", "verdict"
 
 #: What the worker sends once when it has started, or could not.
 STARTED = (READY, FAILED)
@@ -82,14 +82,15 @@ ROUTES: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
     },
     (SERVER, CLIENT): {kind: () for kind in (WELCOME, OWNER, REPLY, MISS, ERROR, PONG, STATUS, READY, STOPPING)},
     (SUPERVISOR, WORKER): {
-        REQUEST: (REPLY, MISS, ERROR),
+        REQUEST: (REPLY, MISS, ERROR),  # then, once the worker has checked itself, VERDICT
         PING: (PONG,),
         PROMOTE: STARTED,                 # a standby worker loads its model and becomes the worker
         STOP: (),                         # the worker ends
     },
     # READY or FAILED answer the worker's start (a standby's: STANDBY, then READY or FAILED
-    # after PROMOTE); STATS (CUDA memory) come unasked.
-    (WORKER, SUPERVISOR): {kind: () for kind in (READY, FAILED, STANDBY, STATS, REPLY, MISS, ERROR, PONG)},
+    # after PROMOTE); STATS (CUDA memory) come unasked; VERDICT follows each answer to a
+    # request (with its id): whether the worker retires.
+    (WORKER, SUPERVISOR): {kind: () for kind in (READY, FAILED, STANDBY, STATS, REPLY, MISS, ERROR, PONG, VERDICT)},
 }
 
 
@@ -115,6 +116,9 @@ _REUSED_BUFFER_LIMIT = 64 << 20
 # The first step of a buffer grown as a large message's bytes arrive (``Connection._fill``).
 _FIRST_GROWTH = 1 << 20
 _IOV_BATCH = 512
+# Messages up to this size may be sent by ``try_send`` (far below a Unix socket's default
+# send buffer of 208 KiB, half of which the kernel takes as one piece).
+_TRY_SEND_BYTES = 32 << 10
 
 
 @dataclass(frozen=True)
@@ -306,6 +310,32 @@ class Connection:
                 self.pool.release(staged.buffer)
             raise
         return staged.buffer
+
+    def try_send(self, kind: str, request_id: int = 0, meta: dict | None = None,
+                 frames: Sequence[Any] = (), fds: Sequence[int] = ()) -> bool:
+        """Send a small message now if the socket takes all of it without waiting; ``False``
+        (nothing sent) when it would wait or is not small. Below half the send buffer a Unix
+        stream message is one buffer for the kernel: it goes whole or not at all."""
+        staged = self.stage(frames, fds)
+        header = msgpack.packb({"k": kind, "i": request_id, "m": meta or {}, "f": staged.descriptors},
+                               use_bin_type=True)
+        inline_total = sum(memoryview(frame).nbytes for frame in staged.inline)
+        total = _PREFIX.size + len(header) + inline_total
+        if staged.buffer is not None or total > _TRY_SEND_BYTES:
+            if staged.buffer is not None:
+                self.pool.release(staged.buffer)
+            return False
+        buffers = [_PREFIX.pack(MESSAGE_MAGIC, len(header), inline_total), header, *staged.inline]
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", staged.fds))] if staged.fds else []
+        with self._send_lock:
+            try:
+                sent = self.sock.sendmsg(buffers, ancillary, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            if sent < total:  # not expected below half the buffer; finish it, in order
+                rest = memoryview(b"".join(bytes(memoryview(b).cast("B")) for b in buffers))[sent:]
+                _send_all(self.sock, [rest])
+        return True
 
     # -- receiving --------------------------------------------------------------------
     def recv(self) -> Message:

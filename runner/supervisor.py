@@ -59,6 +59,7 @@ MAX_KIND_CHARS = 256               # a request kind's name
 _SLOT_WAIT = 0.5                   # a new connection at the cap waits this long for a slot
 _REFUSED_GRACE = 1.0               # a refused connection is held this long so it can read why
 _ACCEPT_BACKOFF = (0.05, 2.0)      # first and longest pause after a failed accept (EMFILE...)
+_STATUS_WAIT = 10.0                # a status waits at most this long for the last request's verdict
 
 
 class _Outbox:
@@ -85,6 +86,8 @@ class _Outbox:
                 sum(memoryview(f).nbytes for f in frames if not isinstance(f, SharedRef))
         except (TypeError, ValueError, OverflowError):
             size = 0  # sending fails the same way, and says so
+        if self._send_now(kind, request_id, meta, message):
+            return
         with self._cond:
             # One answer of any size the protocol allows may wait; more may not pile up.
             if not self._closed and (self._bytes == 0 or self._bytes + size <= MAX_OUTBOX_BYTES):
@@ -97,6 +100,29 @@ class _Outbox:
             message.close()
         if full:
             self._on_fail(f"more than {MAX_OUTBOX_BYTES} bytes of replies waited for it to read them")
+
+    def _send_now(self, kind: str, request_id: int, meta: dict | None, message: Message | None) -> bool:
+        """A small answer when nothing waits before it: sent from the posting thread if the
+        client's socket takes it at once (no hand-off to the outbox thread, no waiting);
+        ``False`` leaves it to the outbox, which also reports any error."""
+        with self._cond:
+            if self._closed or self._items or self._sending:
+                return False
+            self._sending = True
+        try:
+            if message is None:
+                sent = self._conn.try_send(kind, request_id, meta)
+            else:
+                sent = self._conn.try_send(kind, request_id, meta, message.frames, message.fds)
+        except (TypeError, ValueError, OverflowError, OSError):
+            sent = False
+        finally:
+            with self._cond:
+                self._sending = False
+                self._cond.notify_all()
+        if sent and message is not None:
+            message.close()
+        return sent
 
     def close(self, flush_seconds: float = 0.0) -> None:
         """Stop; what is still waiting after ``flush_seconds`` is dropped."""
@@ -220,6 +246,7 @@ class Supervisor:
         self._clients: dict[int, ClientSession] = {}
         self._client_ids = itertools.count(1)
         self._running: tuple[ClientSession, int] | None = None
+        self._checking = False  # a request was answered and the worker's verdict is awaited
         self._listener: socket.socket | None = None
 
     def _say(self, text: str) -> None:
@@ -358,15 +385,25 @@ class Supervisor:
         with self._lock:
             self._running = None
             client.rerun.discard(message.id)
+            self._checking = True  # a status asked after this answer waits for the verdict
         message.close()  # answered: the worker had its own copies of its descriptors
-        retire = reply.meta.get("retire")
-        if retire:
-            self.life.retiring()  # before the reply goes out: a status after it shows it
-        # Out through the client's outbox, which closes the reply's descriptors once sent;
-        # its inline frames are copied out of the channel's receive buffer first.
-        client.post(reply.kind, message.id, reply.meta, reply.detach())
-        if retire:
-            self.life.retire(f"{retire} (client pid {client.pid})")
+        try:
+            # Out through the client's outbox, which closes the reply's descriptors once
+            # sent; its inline frames are copied out of the channel's receive buffer first.
+            client.post(reply.kind, message.id, reply.meta, reply.detach())
+            # The worker checks itself after answering; nothing more goes to it before its verdict.
+            try:
+                retire = self.life.verdict(time.monotonic() + self.timeout)
+            except WorkerLost as lost:  # the request was answered: only the worker is lost
+                self.life.lose(lost)
+                return
+            if retire:
+                self.life.retiring()
+                self.life.retire(f"{retire} (client pid {client.pid})")
+        finally:
+            with self._lock:
+                self._checking = False
+                self._lock.notify_all()
 
     def _reply_failure(self, client: ClientSession, request_id: int, info: dict) -> None:
         with self._lock:
@@ -532,6 +569,8 @@ class Supervisor:
         elif kind == PING:
             client.post(PONG, message.id)
         elif kind == STATUS:
+            with self._lock:  # what the last answered request did to the worker is counted first
+                self._lock.wait_for(lambda: not self._checking, timeout=_STATUS_WAIT)
             client.post(STATUS, message.id, self.status())
         elif kind == WAIT_READY:
             self._ready.wait()

@@ -14,7 +14,8 @@ talks only to it, over one inherited Unix socket. Start-up order matters:
    started: the threads they start (progress bars, OpenMP, CUDA) inherit every layer,
 4. a warm-up (the tokenizer once, one forward) and the hygiene baseline
    (``runner.hygiene``), then the ``ready`` message, then one request at a time; after
-   each the worker scrubs and checks itself, and says in its reply when it must retire;
+   each answer is sent the worker scrubs and checks itself, and its ``verdict`` says
+   whether it must retire;
    end of the channel ends the process.
 
 Each request's bundle is decoded by ``capture`` under the policy into fresh namespaces,
@@ -51,7 +52,7 @@ from .nnsight_compat import torch_module
 from . import errors as errors_module
 from .errors import BadMessage, ProtocolError, describe, failure
 from .protocol import (ERROR, FAILED, MISS, PING, PONG, PROMOTE, READY, REPLY, REQUEST, STANDBY, STATS, STOP,
-                       SUPERVISOR, WORKER, Connection, ConnectionClosed, SharedRef, kinds)
+                       SUPERVISOR, VERDICT, WORKER, Connection, ConnectionClosed, SharedRef, kinds)
 from .shm import RequestMemory, SealedWriter
 
 _PR_SET_PDEATHSIG = 1
@@ -232,11 +233,6 @@ class RequestLoop:
         frames = bundle = None
         memory.release()
         capture.release_lines()  # what this request shipped is not kept for the next one
-        retire = self.hygiene.after_request(staged.fds) if self.hygiene is not None else None
-        if retire:  # the supervisor replaces this worker before the next request runs
-            meta = {**meta, "retire": retire}
-            print(f"sourcebox worker {os.getpid()}: request {message.id} of client {message.meta.get('client')} "
-                  f"changed the worker, which retires: {retire}", file=sys.stderr, flush=True)
         try:
             buffer = self.conn.send_staged(kind, message.id, meta, staged)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -246,9 +242,17 @@ class RequestLoop:
                 errors_module.RUNNER, errors_module.cut(
                     f"the worker could not send its {kind} to this request: {type(exc).__name__}: {exc}; "
                     "return (or raise with) plain values of a reasonable size")),
-                "sources": self.sources.summary(), **({"retire": retire} if retire else {})})
+                "sources": self.sources.summary()})
         if buffer is not None:
             self.conn.pool.release(buffer)
+        # The hygiene runs after the answer is out, so the client does not wait for it; the
+        # supervisor sends nothing more before this verdict, so no request meets a worker
+        # that the last one changed.
+        retire = self.hygiene.after_request() if self.hygiene is not None else None
+        if retire:  # the supervisor replaces this worker before the next request runs
+            print(f"sourcebox worker {os.getpid()}: request {message.id} of client {message.meta.get('client')} "
+                  f"changed the worker, which retires: {retire}", file=sys.stderr, flush=True)
+        self.conn.send(VERDICT, message.id, {"retire": retire} if retire else {})
 
     def _answer(self, message, memory: RequestMemory) -> tuple[str, dict, capture.Bundle | None]:
         """The reply's kind, metadata and result bundle (which keeps the storages its
