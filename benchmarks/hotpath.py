@@ -53,6 +53,7 @@ def _zero_copy(settings: Settings, progress: Progress) -> dict:
     progress("hot: a 64 MiB argument made in transport memory, against an empty call")
     nbytes = 64 * MIB
     with runner.Worker(model="none", device=WORKER_DEVICE) as worker:
+        wait_for_standby(worker)
         in_place = worker.empty((nbytes // 4,))
         in_place.copy_(torch.randn(nbytes // 4, generator=torch.Generator().manual_seed(7)))
         copied = in_place.clone()
@@ -119,7 +120,7 @@ def _restart(settings: Settings, progress: Progress) -> dict:
     try:
         worker.call(_answer)
         for _ in range(settings.start_repeats):
-            _wait_for_standby(worker)
+            wait_for_standby(worker)
             pid = worker.status()["worker_pid"]
             try:
                 worker.call(_crash)
@@ -142,7 +143,7 @@ def _restart(settings: Settings, progress: Progress) -> dict:
     return {"spec": SPEC, "times": summarize(samples), "failed_calls": failed, "restarts": restarts}
 
 
-def _wait_for_standby(worker: Any, seconds: float = 120.0) -> None:
+def wait_for_standby(worker: Any, seconds: float = 120.0) -> None:
     """Until the server's standby worker is confined and waiting (a crash right after the
     last one would find it still importing), or the server keeps none."""
     deadline = time.monotonic() + seconds

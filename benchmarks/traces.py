@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from .measure import Progress, WrongResult, interleaved, paired_ratios, summarize
+from .hotpath import wait_for_standby
 from .settings import Settings
 from .transport import WORKER_DEVICE, peak_rss
 from .usercode import UserCode
@@ -115,6 +116,7 @@ def _latency(model: Any, layers: int, user: UserCode, settings: Settings, progre
     started = time.perf_counter()
     worker = runner.Worker(model=spec, device=WORKER_DEVICE)
     startup = time.perf_counter() - started
+    wait_for_standby(worker)  # its start-up would compete with what is timed
     try:
         backend = WorkerBackend(worker)
         body = user.trace.first_and_last_layer

@@ -6,8 +6,9 @@ back what can be put back exactly and cheaply (trace and profile functions, the 
 threading hooks, torch's grad mode and default dtype, gradients on the model, files in
 the scratch directory, linecache entries the request added), and ``check()`` lists what
 cannot: a changed weight, a hook on the model, a replaced function of a library, a thread
-or descriptor left behind. Any finding retires the worker: its reply says why
-(``"retire"``) and the supervisor starts a fresh one before the next request runs.
+or descriptor left behind. Any finding retires the worker: the ``verdict`` it sends after
+its answer says why (``"retire"``) and the supervisor starts a fresh one before the next
+request runs.
 
 How each part is found (docs/SECURITY.md, "Requests cannot touch each other"):
 
