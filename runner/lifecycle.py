@@ -180,7 +180,7 @@ class WorkerLifecycle:
                 self._say(f"restart attempt {attempt} failed: {exc}")
                 time.sleep(attempt)
 
-    def _spawn(self, *, standby: bool = False) -> WorkerHandle:
+    def _spawn(self, *, standby: bool = False, replaces: int | None = None) -> WorkerHandle:
         """A new worker process; it greets, imports, confines itself and (a ``standby``)
         waits for PROMOTE before it loads the model. Nothing is read from it here."""
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -195,6 +195,9 @@ class WorkerLifecycle:
             argv += ["--policy", self.policy]
         if standby:
             argv.append("--standby")
+        if replaces is not None:
+            # Its task bound is what a first worker gets: the serving worker's tasks will be gone.
+            argv += ["--replaces", str(replaces)]
         # Temporary files the worker's libraries make before confinement (torch's
         # torchinductor_<user> cache at import) land in its scratch, removed with it.
         # cwd is the scratch directory so `-m` puts nothing of the user's on sys.path.
@@ -240,7 +243,7 @@ class WorkerLifecycle:
         if self.keep_standby:
             # Started now, after the worker is ready, so it never slows a start; it runs
             # at a lower CPU priority until promoted (runner/worker.py).
-            self.standby = self._spawn(standby=True)
+            self.standby = self._spawn(standby=True, replaces=worker.pid)
 
     def _greet(self, worker: WorkerHandle) -> None:
         if not worker.greeted:

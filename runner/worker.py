@@ -411,6 +411,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, required=True, help="threads torch's (OpenMP, MKL) pools may use")
     parser.add_argument("--standby", action="store_true",
                         help="import and confine at a lower CPU priority, then wait for 'promote' to load the model")
+    parser.add_argument("--replaces", type=int, action="append", default=[],
+                        help="pid of the worker this standby will replace (its tasks are not counted in the bound)")
     return parser.parse_args(argv)
 
 
@@ -438,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             _import_extensions([name for name in args.handlers.split(",") if name])
             model_dir = _model_directory(args.model)
             report = sandbox.enter(policy, scratch=args.scratch, read_paths=(model_dir,) if model_dir else (),
-                                   confine=args.confine)
+                                   confine=args.confine, replaces=args.replaces)
             if os.getppid() != args.parent_pid:  # it died while the uid change had disarmed PDEATHSIG
                 os._exit(1)
             if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:

@@ -177,6 +177,7 @@ def enter(
     confine: str = "best-effort",
     uid: int = UNPRIVILEGED_UID,
     gid: int = UNPRIVILEGED_GID,
+    replaces: Iterable[int] = (),
 ) -> Report:
     """Confine this process for running user code under ``policy``. Call once.
 
@@ -195,7 +196,9 @@ def enter(
     error), ``"best-effort"`` applies what it can, ``"off"`` applies only the
     Python layer (the report says so loudly). ``uid``/``gid``: whom a root
     process becomes (scratch is handed to them; ``write_paths`` must be
-    writable by them); ignored when not root.
+    writable by them); ignored when not root. ``replaces``: pids of processes
+    this one will take over from (a standby worker's serving worker): their
+    tasks, which will be gone, are not counted in the task bound.
     """
     global _entered_report
     if confine not in CONFINE_MODES:
@@ -227,7 +230,7 @@ def enter(
             _entered_report = report
             return report
         steps = (
-            ("rlimits", lambda: _apply_rlimits(uid if os.geteuid() == 0 else os.getuid())),
+            ("rlimits", lambda: _apply_rlimits(uid if os.geteuid() == 0 else os.getuid(), replaces)),
             ("capabilities", lambda: _drop_privileges(uid, gid, scratch_path)),
             ("no_new_privs", _set_no_new_privs),
             ("landlock", lambda: _apply_landlock(ruleset)),
@@ -363,8 +366,8 @@ def _wipe_initial_environment(kept: set[str]) -> None:
 # --------------------------------------------------------------------- OS layers
 
 
-def _apply_rlimits(task_owner: int) -> str:
-    applied = [_limit_tasks(task_owner)]
+def _apply_rlimits(task_owner: int, replaces: Iterable[int]) -> str:
+    applied = [_limit_tasks(task_owner, replaces)]
     for name, soft_cap in (("RLIMIT_CORE", 0), ("RLIMIT_NOFILE", MAX_OPEN_FILES), ("RLIMIT_FSIZE", MAX_FILE_SIZE)):
         limit = getattr(resource, name)
         soft, hard = resource.getrlimit(limit)
@@ -378,11 +381,12 @@ def _apply_rlimits(task_owner: int) -> str:
     return "hard limits " + ", ".join(applied) + " (no RLIMIT_AS: CUDA maps large address ranges)"
 
 
-def _limit_tasks(owner: int) -> str:
+def _limit_tasks(owner: int, replaces: Iterable[int] = ()) -> str:
     """RLIMIT_NPROC: the kernel counts every task of the real uid ``owner`` (the user the
     worker runs as from the next layer on), so the bound is what that user has now plus
-    :data:`MAX_TASKS`. Not enforced while the process is still root."""
-    existing = _tasks_of(owner)
+    :data:`MAX_TASKS`, not counting the processes this one ``replaces``. Not enforced
+    while the process is still root."""
+    existing = _tasks_of(owner, skip={str(pid) for pid in replaces})
     bound = existing + MAX_TASKS
     _, hard = resource.getrlimit(resource.RLIMIT_NPROC)
     if hard != resource.RLIM_INFINITY:
@@ -394,11 +398,12 @@ def _limit_tasks(owner: int) -> str:
     return f"nproc={bound} (uid {owner} had {existing} tasks, this worker may add {bound - existing})"
 
 
-def _tasks_of(uid: int) -> int:
-    """How many tasks (threads) of processes whose real uid is ``uid`` exist now."""
+def _tasks_of(uid: int, skip: set[str] = frozenset()) -> int:
+    """How many tasks (threads) of processes whose real uid is ``uid`` exist now, but
+    those of the processes in ``skip``."""
     count = 0
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or entry in skip:
             continue
         try:
             with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as status:

@@ -61,6 +61,14 @@ def confinement(pid):
     return {name: fields.get(name) for name in CONFINEMENT_FIELDS}
 
 
+def dead(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(") ", 1)[1][0] in "ZX"  # a zombie: exited, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
 def ready_standby(worker, seconds=120):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -113,3 +121,14 @@ def test_without_a_standby_a_crash_still_restarts_the_worker(project, tmp_path):
     finally:
         subprocess.run([sys.executable, "-m", "runner", "stop", path], env=env, capture_output=True, timeout=60)
         server.wait(timeout=60)
+
+
+def test_a_call_after_the_worker_died_while_idle_runs_on_the_next_worker(project):
+    directory, helpers = project
+    with runner.Worker(model="none", policy=str(directory / "allow-all.toml")) as worker:
+        first = worker.call(helpers.pid)
+        os.kill(first, 9)
+        # Dead (a zombie until the supervisor reaps it) before the call goes out: the call is
+        # handed to no dead worker; it waits for the next one.
+        wait_until(lambda: dead(first), what="the worker to die")
+        assert worker.call(helpers.pid) not in (first, None)
