@@ -26,7 +26,7 @@ import capture
 import msgpack
 import sandbox
 
-from . import envs, errors
+from . import envs, errors, shm
 from .defaults import DEFAULT_POLICY, check_seconds
 from .errors import WorkerCrashed, rebuild
 from .frames import Outcome, encode_call_frames, model_placeholder as _model_placeholder, model_token as _model_token, \
