@@ -240,10 +240,6 @@ class WorkerLifecycle:
                   f"{info.get('device')}, policy {info.get('policy')}, {info.get('confinement')}")
         if self._verbose and info.get("sandbox"):
             self._say(str(info["sandbox"]))
-        if self.keep_standby:
-            # Started now, after the worker is ready, so it never slows a start; it runs
-            # at a lower CPU priority until promoted (runner/worker.py).
-            self.standby = self._spawn(standby=True, replaces=worker.pid)
 
     def _greet(self, worker: WorkerHandle) -> None:
         if not worker.greeted:
@@ -252,9 +248,19 @@ class WorkerLifecycle:
             worker.greeted = True
 
     def check_standby(self) -> None:
-        """Take the standby's word that it is confined and waiting, when it has come (no
-        wait); one that failed or died is dropped, and the next restart starts afresh."""
+        """Start a standby when there is none (a worker is ready and the supervisor has told
+        its clients so: it never slows a start; it runs at a lower CPU priority until
+        promoted, runner/worker.py), and take its word that it is confined and waiting when
+        that has come (no wait); one that failed or died is dropped, and the next restart
+        starts afresh."""
         standby = self.standby
+        if standby is None and self.keep_standby and self.worker is not None:
+            try:
+                self.standby = self._spawn(standby=True, replaces=self.worker.pid)
+            except OSError as exc:  # no process or descriptors to spare: restarts start from nothing
+                self._say(f"no standby worker: {exc}")
+                self.keep_standby = False
+            return
         if standby is None or standby.entered:
             return
         try:
@@ -402,7 +408,6 @@ class WorkerLifecycle:
 
     def check_idle(self) -> None:
         """Between requests: is the worker alive, within its memory limit, answering pings?"""
-        self.check_standby()
         worker = self.worker
         if worker.child.poll() is not None:
             raise WorkerLost(errors.CRASHED, "the worker died while idle")

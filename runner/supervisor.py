@@ -295,6 +295,7 @@ class Supervisor:
         while not self._stopping.is_set():
             if self.life.worker is None:
                 self._start_worker(RESTART_ATTEMPTS)
+            self.life.check_standby()
             item = self._take()
             try:
                 if item is None:
