@@ -24,12 +24,11 @@ from typing import Any, Callable, Container, Sequence
 
 import capture
 import msgpack
-import sandbox
 
 from . import envs, errors, shm
-from .defaults import DEFAULT_POLICY, check_seconds
+from .defaults import check_seconds
 from .errors import WorkerCrashed, rebuild
-from .frames import Outcome, encode_call_frames, model_placeholder as _model_placeholder, model_token as _model_token, \
+from .frames import Outcome, encode_call_frames, encode_payload, load_policy, model_placeholder as _model_placeholder, model_token as _model_token, \
     outcome_bytes, outcome_of, result_view
 from .owned_server import OwnedServer, listening
 from .protocol import (CLIENT, DEFAULT_SHM_THRESHOLD, ERROR, MISS, PING, REPLY, REQUEST, SERVER, STATUS, STOP,
@@ -67,10 +66,6 @@ def decode_result(data: bytes) -> Any:
         raise rebuild(outcome["error"])
     return capture.loads(outcome["result"], policy=capture.DATA_ONLY, persistent_load=_model_placeholder,
                          label="result")
-
-
-def _load_policy(spec: Any):
-    return sandbox.Policy.load(spec if spec is not None else DEFAULT_POLICY)
 
 
 @dataclass(eq=False)
@@ -165,7 +160,7 @@ class Worker:
             self._connect()
             self.info = self._control(WAIT_READY)
             # What the worker can import decides what travels as source: its policy.
-            self.policy = _load_policy(policy if policy is not None else self.info.get("policy"))
+            self.policy = load_policy(policy if policy is not None else self.info.get("policy"))
         except BaseException:
             self.close()
             raise
@@ -215,11 +210,7 @@ class Worker:
         ``capture.MissingSources`` for one it lacks gets them again: ``build(())``).
         """
         def encode(known: Container[str]) -> capture.Bundle:
-            value, kept = build(known) if build is not None else (payload, ())
-            bundle = capture.encode(value, policy=self.policy, persistent_id=_model_token, label="payload",
-                                    known_sources=known)
-            bundle.source_digests.extend(kept)
-            return bundle
+            return encode_payload(payload, known, policy=self.policy, build=build)
 
         return self._submit(kind, self.timeout if timeout is None else timeout, encode=encode).result()
 

@@ -15,12 +15,14 @@ policy=capture.DATA_ONLY)``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Container
+from typing import Any, Callable, Container, Sequence
 
 import capture
+import sandbox
 from capture import format as capture_format
 
 from . import shm
+from .defaults import DEFAULT_POLICY
 from .errors import (BUSY, CRASHED, MEMORY, RUNNER, START, STOPPED, TIMEOUT, MemoryLimitExceeded, RequestTimeout,
                      RunnerError, ServerBusy, WorkerCrashed, WorkerStartError, WorkerStopped, cut, failure, rebuild)
 from .handlers import MODEL, MODEL_TOKEN
@@ -57,6 +59,22 @@ class Outcome:
     frames: list = field(default_factory=list)
 
 
+def load_policy(spec: Any) -> sandbox.Policy:
+    """The worker's policy from a spec (a profile name, a path, a ``Policy``; None: the default)."""
+    return sandbox.Policy.load(spec if spec is not None else DEFAULT_POLICY)
+
+
+def encode_payload(payload: Any, known: Container[str], *, policy: sandbox.Policy,
+                   build: Callable[[Container[str]], tuple[Any, Sequence[str]]] | None = None) -> capture.Bundle:
+    """A request's payload (or what ``build(known)`` makes) as a bundle for a worker that
+    holds the texts whose digests are ``known``; the digests ``build`` says the worker keeps
+    travel in ``source_digests`` (see ``Worker.request``)."""
+    value, kept = build(known) if build is not None else (payload, ())
+    bundle = capture.encode(value, policy=policy, persistent_id=model_token, label="payload", known_sources=known)
+    bundle.source_digests.extend(kept)
+    return bundle
+
+
 def encode_call_frames(fn: Callable, args: tuple = (), kwargs: dict | None = None, *, policy: Any = None,
                        known_sources: Container[str] = ()) -> capture.Bundle:
     """A call ``fn(*args, **kwargs)`` as a bundle (``.header`` bytes and ``.frames`` that
@@ -67,11 +85,9 @@ def encode_call_frames(fn: Callable, args: tuple = (), kwargs: dict | None = Non
     alone; a worker that lacks one answers ``miss``. Keep the bundle (its ``keepalive``)
     until the frames are sent.
     """
-    from .client import _load_policy
-
     return capture.encode_variables(
         {"fn": fn, "args": tuple(args), "kwargs": dict(kwargs or {})},
-        policy=_load_policy(policy) if policy is not None else None, persistent_id=model_token,
+        policy=load_policy(policy) if policy is not None else None, persistent_id=model_token,
         known_sources=known_sources,
     )
 

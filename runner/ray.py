@@ -36,8 +36,9 @@ import ray
 import ray.exceptions
 
 from . import errors, shm
-from .client import Worker, _load_policy
-from .frames import MISS, REPLY, Outcome, decode_outcome, encode_call_frames, failure_outcome, model_token
+from .client import Worker
+from .frames import (MISS, REPLY, Outcome, decode_outcome, encode_call_frames, encode_payload, failure_outcome,
+                     load_policy)
 from .owned_server import listening
 
 # Ray's tqdm support replaces builtins.print in a driver once Ray prints anything there; a
@@ -258,7 +259,7 @@ class RayExecutor(concurrent.futures.Executor):
         self._refresh()
         info = ray.get(self._handles[next(iter(self._handles))].info.remote())
         #: The replicas' policy: what travels as source (``runner.nnsight.install`` reads it).
-        self.policy = _load_policy(info.get("policy"))
+        self.policy = load_policy(info.get("policy"))
         self._pool = concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix="ray-executor")
 
     def _refresh(self) -> None:
@@ -289,11 +290,7 @@ class RayExecutor(concurrent.futures.Executor):
         and return its result (as ``Worker.request``; ``runner.nnsight.install(executor)``
         sends traces this way)."""
         def encode(known: Container[str]) -> capture.Bundle:
-            value, kept = build(known) if build is not None else (payload, ())
-            bundle = capture.encode(value, policy=self.policy, persistent_id=model_token, label="payload",
-                                    known_sources=known)
-            bundle.source_digests.extend(kept)
-            return bundle
+            return encode_payload(payload, known, policy=self.policy, build=build)
 
         return self._pool.submit(self._run, kind, encode, self.timeout if timeout is None else timeout).result()
 

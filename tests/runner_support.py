@@ -1,7 +1,6 @@
 """Helpers shared by the runner tests."""
 import contextlib
 import os
-import socket
 import time
 
 from runner import auth
@@ -44,13 +43,3 @@ def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> Non
         time.sleep(0.02)
 
 
-def listening(path: str) -> bool:
-    """Whether something accepts connections on the Unix socket at ``path``."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()

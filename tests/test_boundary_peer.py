@@ -15,7 +15,8 @@ import pytest
 import runner
 from runner import auth, shm
 from runner.lifecycle import CHANNEL_READ_SECONDS as _CHANNEL_READ_SECONDS
-from runner_support import listening, wait_until
+from runner.owned_server import listening
+from runner_support import wait_until
 
 POLICY = "nnsight-local"
 CANARY = "sbx-canary-7d41c09e"  # appears only in the source of the user's function

@@ -13,6 +13,7 @@ import textwrap
 import time
 
 import capture
+import sandbox
 import msgpack
 import psutil
 import pytest
@@ -155,7 +156,7 @@ def serve(tmp_path):
 
 def request_frames(fn, *args):
     bundle = capture.encode_variables({"fn": fn, "args": args, "kwargs": {}},
-                                      policy=runner.client._load_policy(POLICY))
+                                      policy=sandbox.Policy.load(POLICY))
     return [bundle.header, *bundle.frames]
 
 

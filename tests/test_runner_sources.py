@@ -14,6 +14,7 @@ import tempfile
 import time
 
 import capture
+import sandbox
 import msgpack
 import pytest
 
@@ -118,7 +119,7 @@ def send_call(conn, request_id, bundle):
 
 
 def encode_call(fn, *args, known=()):
-    return capture.encode_variables({"fn": fn, "args": args, "kwargs": {}}, policy=runner.client._load_policy(POLICY),
+    return capture.encode_variables({"fn": fn, "args": args, "kwargs": {}}, policy=sandbox.Policy.load(POLICY),
                                     known_sources=known)
 
 

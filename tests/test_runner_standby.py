@@ -10,7 +10,8 @@ import pytest
 
 import runner
 
-from runner_support import listening, wait_until
+from runner.owned_server import listening
+from runner_support import wait_until
 
 MODULE = "standby_helpers"
 HELPERS = '''
