@@ -40,6 +40,12 @@ RESULT_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fc
 KEEP_REQUEST_MEMORY = os.environ.get("SOURCEBOX_TEST_KEEP_REQUEST_MEMORY") == "1"
 UNSEALED_RESULTS = os.environ.get("SOURCEBOX_TEST_UNSEALED_RESULTS") == "1"
 SHARED_REQUEST_MAPPINGS = os.environ.get("SOURCEBOX_TEST_SHARED_REQUEST_MAPPINGS") == "1"
+# Sealed on the client's request memfds once the client has mapped them: the client keeps
+# writing through its own mapping, but whoever else holds the descriptor (a worker taken
+# over by user code) can map it neither shared-writable nor write() it. The test-only
+# switch above is its control, so it leaves the seal off too.
+_F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
+LENT_SEALS = 0 if SHARED_REQUEST_MAPPINGS else _F_SEAL_FUTURE_WRITE
 # What those switches keep alive on purpose.
 _kept: list = []
 
@@ -80,6 +86,7 @@ class Buffer:
             os.posix_fallocate(self.fd, 0, size)
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, REQUEST_SEALS | fcntl.F_SEAL_GROW)
             self._mmap = mmap.mmap(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, LENT_SEALS)
         except BaseException:
             os.close(self.fd)
             raise
@@ -184,6 +191,7 @@ def allocate(nbytes: int) -> mmap.mmap:
         os.posix_fallocate(fd, 0, size)  # out of memory fails here, not as a SIGBUS later
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUEST_SEALS | fcntl.F_SEAL_GROW)
         region = _Region(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, LENT_SEALS)
     except BaseException:
         os.close(fd)
         raise
@@ -262,10 +270,10 @@ class SealedWriter:
         buffer.close()
 
 
-def _map(fd: int, size: int, flags: int) -> tuple[ctypes.Array, int]:
-    """Map ``size`` bytes of ``fd`` read-write; the mapping lives as long as the returned
-    ctypes array (and every view of it), not as long as ``fd``."""
-    address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
+def _map(fd: int, size: int, flags: int, prot: int = mmap.PROT_READ | mmap.PROT_WRITE) -> tuple[ctypes.Array, int]:
+    """Map ``size`` bytes of ``fd`` (read-write unless ``prot`` says otherwise); the mapping
+    lives as long as the returned ctypes array (and every view of it), not as long as ``fd``."""
+    address = _libc.mmap(None, size, prot, flags, fd, 0)
     if address is None or address == _MAP_FAILED:
         error = ctypes.get_errno()
         raise OSError(error, f"mmap of a received memfd failed: {os.strerror(error)}")
@@ -327,8 +335,7 @@ class RequestMemory:
         try:
             for index in sorted({ref.fd for ref in refs}):
                 size = check_request_fd(fds[index], f"file descriptor {index} of the request")
-                holder, address = _map(fds[index], size,
-                                       mmap.MAP_SHARED if SHARED_REQUEST_MAPPINGS else mmap.MAP_PRIVATE)
+                holder, address = _map_request(fds[index], size)
                 holders[index] = holder, size
                 self._mapped.append((weakref.ref(holder), address, size))
             return _views(refs, holders)
@@ -347,6 +354,20 @@ class RequestMemory:
         for ref, address, size in mapped:
             if ref() is not None:
                 _replace_with_copy(address, size)
+
+
+def _map_request(fd: int, size: int) -> tuple[ctypes.Array, int]:
+    """A request memfd mapped copy-on-write. Kernels before 6.7 refuse a writable private
+    mapping of a memfd sealed against future writes (``LENT_SEALS``): there the memfd is
+    mapped read-only and swapped at once for a private copy of its bytes."""
+    if SHARED_REQUEST_MAPPINGS:
+        return _map(fd, size, mmap.MAP_SHARED)
+    try:
+        return _map(fd, size, mmap.MAP_PRIVATE)
+    except PermissionError:
+        holder, address = _map(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        _replace_with_copy(address, size)
+        return holder, address
 
 
 def _replace_with_copy(address: int, size: int) -> None:

@@ -2,6 +2,7 @@
 worker cannot change them, and reusing them after a call changes no result (issue 15)."""
 import importlib
 import os
+import subprocess
 import sys
 
 import numpy
@@ -98,7 +99,9 @@ def test_transport_memory_is_sealed_against_shrinking_and_freed_with_its_tensor(
 @pytest.mark.parametrize("control", [False, True], ids=["protected", "CONTROL-shared-request-mappings"])
 def test_the_worker_cannot_change_a_tensor_the_client_lent_it(helpers, monkeypatch, control):
     if control:
+        # Both layers off: the worker maps requests shared, this client leaves the seal off.
         monkeypatch.setenv("SOURCEBOX_TEST_SHARED_REQUEST_MAPPINGS", "1")
+        monkeypatch.setattr(shm, "LENT_SEALS", 0)
     with runner.Worker(model="none") as worker:
         tensor = worker.empty((1 << 16,))
         tensor.fill_(1.0)
@@ -114,3 +117,52 @@ def test_a_slice_of_a_larger_tensor_arrives_intact(worker, helpers):
     whole = torch.arange(256 * 1024, dtype=torch.float32).reshape(256, 1024)
     for rows in (8, 33, 200):
         assert torch.equal(worker.call(helpers.echo, whole[:rows]), whole[:rows])
+
+
+# A process that holds a client's request descriptor (as a worker taken over by user code
+# does: it reads the raw channel) tries to write the client's memory through it.
+_HOLDER = '''
+import mmap, os, sys
+fd, size = int(sys.argv[1]), int(sys.argv[2])
+landed = []
+try:
+    mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)[0:1] = b"\\x07"
+    landed.append("mmap")
+except OSError:
+    pass
+try:
+    os.pwrite(fd, b"\\x07", 1)
+    landed.append("pwrite")
+except OSError:
+    pass
+print(",".join(landed))
+'''
+
+_CLIENT = '''
+import subprocess, sys
+from runner import shm
+lent = shm.allocate(1 << 16)             # what Worker.empty allocates
+pooled = shm.Buffer(1 << 16)             # a pooled request buffer
+for memory, fd in ((lent, shm.locate(memoryview(lent))[0]), (pooled._mmap, pooled.fd)):
+    memory[0:2] = b"\\x01\\x01"
+    holder = subprocess.run([sys.executable, "-c", sys.argv[1], str(fd), "65536"], pass_fds=[fd],
+                            capture_output=True, text=True, check=True)
+    memory[2:3] = b"\\x01"                  # the client itself still writes through its mapping
+    print(holder.stdout.strip() or "-", memory[0:3].hex())
+'''
+
+
+@pytest.mark.parametrize("control", [False, True], ids=["sealed", "CONTROL-shared-request-mappings"])
+def test_a_process_holding_a_request_descriptor_cannot_write_the_clients_memory(control):
+    env = {key: value for key, value in os.environ.items() if key != "SOURCEBOX_TEST_SHARED_REQUEST_MAPPINGS"}
+    if control:
+        env["SOURCEBOX_TEST_SHARED_REQUEST_MAPPINGS"] = "1"
+    lines = subprocess.run([sys.executable, "-c", _CLIENT, _HOLDER], env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert len(lines) == 2  # lent transport memory, then a pooled request buffer
+    for line in lines:
+        landed, memory = line.split()
+        if control:
+            assert landed == "mmap,pwrite" and memory == "070701"
+        else:
+            assert landed == "-" and memory == "010101"
