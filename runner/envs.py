@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -125,7 +126,10 @@ def create(directory: str | os.PathLike[str], python: str | os.PathLike[str], pa
               "sourcebox": None if _is_checkout(PACKAGE_ROOT) else _code_digest()}
     env_python = directory / "bin" / "python"
     directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+    if directory.exists():
+        _check_private(directory)
+    lock_fd = os.open(directory.parent / f".{directory.name}.lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with open(lock_fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         built = _read_marker(directory)
         if isinstance(built, dict) and env_python.exists() and \
@@ -167,7 +171,20 @@ def cached(python: str | os.PathLike[str], packages: list[str] | tuple[str, ...]
     version = python_version(base)
     key = json.dumps([_LAYOUT, str(base), version, sorted(packages), _is_checkout(PACKAGE_ROOT)])
     name = f"{version}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    return create(cache_root() / name, base, packages, log=log)
+    root = cache_root()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(root)
+    return create(root / name, base, packages, log=log)
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a directory another user could have put an interpreter or a ``.pth`` file in:
+    the server runs what it holds as its own user, before the worker is confined."""
+    info = path.lstat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022 or not stat.S_ISDIR(info.st_mode):
+        raise EnvError(f"{path} is not a directory of this user ({os.geteuid()}) that no one else can write "
+                       f"(owner {info.st_uid}, mode {stat.filemode(info.st_mode)}); the worker's environment runs "
+                       f"as this user: use a private directory (mode 700), or remove it and build again")
 
 
 def cache_root() -> Path:

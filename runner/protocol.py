@@ -334,7 +334,13 @@ class Connection:
                 return False
             if sent < total:  # not expected below half the buffer; finish it, in order
                 rest = memoryview(b"".join(bytes(memoryview(b).cast("B")) for b in buffers))[sent:]
-                _send_all(self.sock, [rest])
+                try:
+                    _send_all(self.sock, [rest])
+                except OSError:
+                    # Part of it is out: the stream cannot take the message again from its
+                    # start, so the connection ends here and the sender fails the peer.
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                    raise
         return True
 
     # -- receiving --------------------------------------------------------------------

@@ -352,3 +352,13 @@ def test_an_installed_sourcebox_gives_the_worker_its_own_copy_not_its_site_packa
     assert module.startswith(str(installed_sourcebox.site))
     assert call.split(" ", 1)[1].startswith("[3, 12, ")  # the user's function ran on 3.12
     assert environ == "[]"  # no PYTHONPATH: the environment's own copy served the worker
+
+
+def test_an_environment_directory_others_can_write_is_refused_before_anything_runs(tmp_path):
+    # The server runs the environment's interpreter (and its .pth files) as its own user.
+    shared = tmp_path / "shared-env"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(envs.EnvError, match="that no one else can write .*mode drwxrwxrwx"):
+        envs.create(shared, sys.executable, [])
+    assert list(shared.iterdir()) == []  # nothing was built or run there
