@@ -1,6 +1,8 @@
 """Helpers shared by the runner tests."""
 import contextlib
+import importlib
 import os
+import sys
 import time
 
 from runner import auth
@@ -43,3 +45,20 @@ def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> Non
         time.sleep(0.02)
 
 
+
+
+@contextlib.contextmanager
+def user_modules(directory, **sources):
+    """Each ``name=source`` written into ``directory`` and imported in this process only:
+    the user's own modules, which the worker cannot import, so their code travels as
+    source. Yields the modules in order (a single one by itself)."""
+    for name, source in sources.items():
+        (directory / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(directory))
+    try:
+        modules = tuple(importlib.import_module(name) for name in sources)
+        yield modules[0] if len(modules) == 1 else modules
+    finally:
+        sys.path.remove(str(directory))
+        for name in sources:
+            sys.modules.pop(name, None)

@@ -19,7 +19,6 @@ stop it is off: a minimal child that starts a library thread before
 
 from __future__ import annotations
 
-import importlib
 import json
 import errno
 import os
@@ -37,7 +36,7 @@ import pytest
 
 import runner
 import sandbox
-from runner_support import environment
+from runner_support import environment, user_modules
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -201,14 +200,8 @@ def clear_death_signal_then(seconds):
 @pytest.fixture(scope="module")
 def attacks(tmp_path_factory):
     """The attacker's module, imported on the client from a directory the worker cannot see."""
-    directory = tmp_path_factory.mktemp("attacker")
-    (directory / "boundary_attacks.py").write_text(ATTACKS)
-    sys.path.insert(0, str(directory))
-    try:
-        yield importlib.import_module("boundary_attacks")
-    finally:
-        sys.path.remove(str(directory))
-        sys.modules.pop("boundary_attacks", None)
+    with user_modules(tmp_path_factory.mktemp("attacker"), boundary_attacks=ATTACKS) as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 import nnsight
 from runner import models
 from runner import nnsight as sourcebox_nnsight
+from runner_support import user_modules
 
 MYMETHODS = '''\
 import torch
@@ -66,16 +67,8 @@ def seen():
 
 @pytest.fixture(scope="module")
 def mymethods(tmp_path_factory):
-    project = tmp_path_factory.mktemp("user_project")
-    (project / "mymethods.py").write_text(MYMETHODS)
-    sys.path.insert(0, str(project))
-    try:
-        import mymethods
-
-        yield mymethods
-    finally:
-        sys.path.remove(str(project))
-        sys.modules.pop("mymethods", None)
+    with user_modules(tmp_path_factory.mktemp("user_project"), mymethods=MYMETHODS) as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

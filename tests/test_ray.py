@@ -27,7 +27,7 @@ ray = pytest.importorskip("ray")
 import runner  # noqa: E402
 import runner.nnsight as sourcebox_nnsight  # noqa: E402
 from runner import ray as sourcebox_ray  # noqa: E402
-from runner_support import wait_until  # noqa: E402
+from runner_support import user_modules, wait_until  # noqa: E402
 
 from test_capture_xver import OTHER_MINORS, interpreter_for, venv_with_msgpack  # noqa: E402
 
@@ -86,16 +86,8 @@ def tagged(tag, seconds):
 @pytest.fixture(scope="module")
 def user(tmp_path_factory):
     """A user module only this test process can import (not Ray's workers, not the worker)."""
-    project = tmp_path_factory.mktemp("ray_user_project")
-    (project / "sbx_ray_user.py").write_text(USER_MODULE)
-    sys.path.insert(0, str(project))
-    try:
-        import sbx_ray_user
-
-        yield sbx_ray_user
-    finally:
-        sys.path.remove(str(project))
-        sys.modules.pop("sbx_ray_user", None)
+    with user_modules(tmp_path_factory.mktemp("ray_user_project"), sbx_ray_user=USER_MODULE) as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

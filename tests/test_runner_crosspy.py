@@ -18,7 +18,7 @@ import pytest
 import capture
 import runner
 from runner import envs
-from runner_support import environment
+from runner_support import environment, user_modules
 
 OTHER_MINORS = ["3.10", "3.12", "3.13"]
 ARRAY_ITEMS = 1 << 20  # 8 MiB of float64: far past the 128 KiB shared-memory threshold
@@ -95,19 +95,8 @@ def first_of_group(values):
 @pytest.fixture(scope="module")
 def user(tmp_path_factory):
     """The user's modules, importable here only (the worker gets them as source)."""
-    directory = tmp_path_factory.mktemp("crosspy-user")
-    (directory / "xvuser.py").write_text(USER_MODULE)
-    (directory / "xvnewer.py").write_text(NEWER_SYNTAX)
-    sys.path.insert(0, str(directory))
-    try:
-        import xvnewer
-        import xvuser
-
-        yield xvuser, xvnewer
-    finally:
-        sys.path.remove(str(directory))
-        sys.modules.pop("xvuser", None)
-        sys.modules.pop("xvnewer", None)
+    with user_modules(tmp_path_factory.mktemp("crosspy-user"), xvuser=USER_MODULE, xvnewer=NEWER_SYNTAX) as modules:
+        yield modules
 
 
 def worker_environment(minor: str):

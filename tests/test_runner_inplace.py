@@ -1,6 +1,5 @@
 """Arguments made in transport memory (``Worker.empty``): they travel as a handle, the
 worker cannot change them, and reusing them after a call changes no result (issue 15)."""
-import importlib
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import torch
 
 import runner
 from runner import shm
+from runner_support import user_modules
 
 HELPERS = '''
 def total(t):
@@ -28,14 +28,8 @@ def scribble(t):
 @pytest.fixture(scope="module")
 def helpers(tmp_path_factory):
     """Imported here from a directory the worker cannot see: the helpers travel as source."""
-    directory = tmp_path_factory.mktemp("inplace")
-    (directory / "inplace_helpers.py").write_text(HELPERS)
-    sys.path.insert(0, str(directory))
-    try:
-        yield importlib.import_module("inplace_helpers")
-    finally:
-        sys.path.remove(str(directory))
-        sys.modules.pop("inplace_helpers", None)
+    with user_modules(tmp_path_factory.mktemp("inplace"), inplace_helpers=HELPERS) as module:
+        yield module
 
 
 @pytest.fixture(scope="module")
