@@ -2,7 +2,7 @@
 all computed from one run's results (``latest.json``), never written by hand.
 
 A row is one registration: a function that reads the results and returns its readings
-(or ``NotMeasured`` with the reason), decorated with ``@row(key, target, limit, unit)``.
+(or raises ``NotMeasured`` with the reason), decorated with ``@row(key, target, limit, unit)``.
 The verdict is PASS when every reading is at most the limit, MISS otherwise; a row whose
 limit is ``None`` reports without a verdict. New measurements (a phase of their own in
 ``benchmarks/``) add a row here and nothing else.
@@ -30,9 +30,12 @@ class Reading:
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class NotMeasured:
-    reason: str
+class NotMeasured(Exception):
+    """Raised by a row's reader when the run lacks what the row needs; the row says why."""
+
+    @property
+    def reason(self) -> str:
+        return str(self)
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class _Row:
     target: str
     limit: float | None
     unit: str
-    read: Callable[[dict], "list[Reading] | NotMeasured"]
+    read: Callable[[dict], "list[Reading]"]
 
 
 ROWS: list[_Row] = []
@@ -52,7 +55,7 @@ def row(key: str, target: str, limit: float | None, unit: str = "x"):
     if unit not in _UNITS:
         raise ValueError(f"unit {unit!r} is not one of {sorted(_UNITS)}")
 
-    def register(read: Callable[[dict], "list[Reading] | NotMeasured"]):
+    def register(read: Callable[[dict], "list[Reading]"]):
         ROWS.append(_Row(key, target, limit, unit, read))
         return read
     return register
@@ -63,11 +66,13 @@ def judge(results: dict) -> list[dict]:
     judged = []
     for entry in ROWS:
         limit_text = "report only" if entry.limit is None else f"<= {_UNITS[entry.unit](entry.limit)}"
-        outcome = entry.read(results)
-        if isinstance(outcome, NotMeasured) or not outcome:
+        try:
+            outcome = entry.read(results)
+            if not outcome:
+                raise NotMeasured("no readings")
+        except NotMeasured as missing:
             judged.append({"key": entry.key, "target": entry.target, "limit": limit_text, "verdict": NOT_MEASURED,
-                           "measured": outcome.reason if isinstance(outcome, NotMeasured) else "no readings",
-                           "readings": []})
+                           "measured": missing.reason, "readings": []})
             continue
         if entry.limit is None:
             verdict = REPORT
@@ -100,29 +105,26 @@ def terminal(results: dict) -> list[str]:
 
 # -- the rows ---------------------------------------------------------------------------
 
-def _phase(results: dict, name: str) -> "dict | NotMeasured":
+def _phase(results: dict, name: str) -> dict:
     phase = results.get(name, {})
     if phase.get("status") != "ok":
-        return NotMeasured(phase.get("reason", f"the {name} phase did not run"))
+        raise NotMeasured(phase.get("reason", f"the {name} phase did not run"))
     return phase
 
 
-def _trace_latency(results: dict) -> "dict | NotMeasured":
-    traces = _phase(results, "traces")
-    if isinstance(traces, NotMeasured):
-        return traces
-    smallest = min(traces["latency"], key=lambda entry: entry["layers"], default=None)
-    return smallest or NotMeasured("no trace went through a worker")
+def _trace_latency(results: dict) -> dict:
+    smallest = min(_phase(results, "traces")["latency"], key=lambda entry: entry["layers"], default=None)
+    if smallest is None:
+        raise NotMeasured("no trace went through a worker")
+    return smallest
 
 
 @row("empty_call", "Empty call through the worker / client-server ping (same run)", 2.5)
-def _empty_call(results: dict) -> "list[Reading] | NotMeasured":
+def _empty_call(results: dict) -> list[Reading]:
     worker = _phase(results, "worker")
-    if isinstance(worker, NotMeasured):
-        return worker
     empty = worker["empty_call"]
     if "ratio_to_ping" not in empty:
-        return NotMeasured("this run did not pair the empty call with worker.ping")
+        raise NotMeasured("this run did not pair the empty call with worker.ping")
     times = empty["times"]
     call = next(name for name in times if name.startswith("sourcebox"))
     ping = next(name for name in times if name.startswith("worker.ping"))
@@ -131,49 +133,43 @@ def _empty_call(results: dict) -> "list[Reading] | NotMeasured":
 
 
 @row("trace_vs_nnsight", "Trace through the worker / nnsight's in-process remote='local'", 0.6)
-def _trace_vs_nnsight(results: dict) -> "list[Reading] | NotMeasured":
+def _trace_vs_nnsight(results: dict) -> list[Reading]:
     latency = _trace_latency(results)
-    if isinstance(latency, NotMeasured):
-        return latency
     return [Reading(latency["worker_to_nnsight_local"]["median"], label=latency["spec"])]
 
 
 @row("trace_vs_local", "Trace through the worker / a local trace", 1.3)
-def _trace_vs_local(results: dict) -> "list[Reading] | NotMeasured":
+def _trace_vs_local(results: dict) -> list[Reading]:
     latency = _trace_latency(results)
-    if isinstance(latency, NotMeasured):
-        return latency
     return [Reading(latency["worker_to_local"]["median"], label=latency["spec"])]
 
 
-def _code_ratios(results: dict, measure: str) -> "list[Reading] | NotMeasured":
+def _code_ratios(results: dict, measure: str) -> list[Reading]:
     readings = []
     for record in results.get("serialization", []):
         ratios = record.get("ratios", {}).get(baselines.CLOUDPICKLE_BY_VALUE, {})
         if record["kind"] == "code" and measure in ratios:
             readings.append(Reading(ratios[measure]["median"], label=record["title"]))
-    return readings or NotMeasured(f"no code scenario has {measure} against cloudpickle-by-value")
+    if not readings:
+        raise NotMeasured(f"no code scenario has {measure} against cloudpickle-by-value")
+    return readings
 
 
 @row("warm_loads", "Warm loads / cloudpickle-by-value, each code scenario", 1.0)
-def _warm_loads(results: dict) -> "list[Reading] | NotMeasured":
+def _warm_loads(results: dict) -> list[Reading]:
     return _code_ratios(results, "loads_warm")
 
 
 @row("repeated_trace_bytes", "Bytes the client sends for a repeated identical trace", 400, unit="B")
-def _repeated_trace_bytes(results: dict) -> "list[Reading] | NotMeasured":
+def _repeated_trace_bytes(results: dict) -> list[Reading]:
     latency = _trace_latency(results)
-    if isinstance(latency, NotMeasured):
-        return latency
     sent = latency["request_bytes"]
     return [Reading(sent["repeat"], label=latency["spec"], detail=f"first {sent['first']:,} B")]
 
 
 @row("start", "Worker ready / (import floor of torch, transformers, nnsight + model load)", 1.2)
-def _start(results: dict) -> "list[Reading] | NotMeasured":
+def _start(results: dict) -> list[Reading]:
     hot = _phase(results, "hot")
-    if isinstance(hot, NotMeasured):
-        return hot
     start = hot["start"]
     return [Reading(start["ratio"]["median"], label=start["spec"],
                     detail=f"ready {time_text(start['times']['ready']['median'])}, floor "
@@ -181,10 +177,8 @@ def _start(results: dict) -> "list[Reading] | NotMeasured":
 
 
 @row("restart", "Next call served after a worker crash (tiny model)", 1.5, unit="s")
-def _restart(results: dict) -> "list[Reading] | NotMeasured":
+def _restart(results: dict) -> list[Reading]:
     hot = _phase(results, "hot")
-    if isinstance(hot, NotMeasured):
-        return hot
     restart = hot["restart"]
     return [Reading(restart["times"]["median"], label=restart["spec"],
                     detail=f"max {time_text(restart['times']['max'])} over {restart['times']['n']} crashes; "
@@ -192,10 +186,8 @@ def _restart(results: dict) -> "list[Reading] | NotMeasured":
 
 
 @row("zero_copy_argument", "64 MiB argument allocated in transport memory / empty call", 2.0)
-def _zero_copy(results: dict) -> "list[Reading] | NotMeasured":
+def _zero_copy(results: dict) -> list[Reading]:
     hot = _phase(results, "hot")
-    if isinstance(hot, NotMeasured):
-        return hot
     zero_copy = hot["zero_copy"]
     return [Reading(zero_copy["ratio_to_empty"]["median"],
                     detail=f"{time_text(zero_copy['times']['in_place']['median'])} against "
@@ -204,5 +196,5 @@ def _zero_copy(results: dict) -> "list[Reading] | NotMeasured":
 
 
 @row("cold_loads", "Cold loads / cloudpickle-by-value (a fresh process meets the code)", None)
-def _cold_loads(results: dict) -> "list[Reading] | NotMeasured":
+def _cold_loads(results: dict) -> list[Reading]:
     return _code_ratios(results, "loads_cold")
