@@ -266,18 +266,18 @@ class Decoder:
         return result
 
     def _tuple(self, index: int, fields: list) -> tuple:
-        items = _expect(fields[0], list, "tuple items")
-        values = tuple([self.value(v) for v in items])
-        if all(self._is_constant(v) for v in items):
-            return self.constant(index, values)
-        return self.run(index, partial(_make, tuple, items))
+        return self._immutable(index, fields, tuple)
 
     def _frozenset(self, index: int, fields: list) -> frozenset:
-        items = _expect(fields[0], list, "frozenset items")
-        values = frozenset([self.value(v) for v in items])
+        return self._immutable(index, fields, frozenset)
+
+    def _immutable(self, index: int, fields: list, kind: type) -> Any:
+        """A tuple or frozenset: a plan constant when every item is one, else made on replay."""
+        items = _expect(fields[0], list, f"{kind.__name__} items")
+        values = kind([self.value(v) for v in items])
         if all(self._is_constant(v) for v in items):
             return self.constant(index, values)
-        return self.run(index, partial(_make, frozenset, items))
+        return self.run(index, partial(_make, kind, items))
 
     def _odict(self, index: int, fields: list) -> dict:
         return self._dict(index, fields, _new_ordered_dict)

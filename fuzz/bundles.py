@@ -107,25 +107,27 @@ def corpus() -> list[Base]:
         bundle = capture.encode(make())
         tree = msgpack.unpackb(bundle.header, raw=False, strict_map_key=False)
         frames = [memoryview(bytes(f)) for f in bundle.frames]
-        bases.append(Base(name, bytes(bundle.header), frames, tree, bundle.to_bytes(), list(_paths(tree))))
+        bases.append(Base(name, bytes(bundle.header), frames, tree, bundle.to_bytes(), list(header_paths(tree))))
     return bases
 
 
-def _paths(node: Any, prefix: tuple = ()) -> Iterator[tuple]:
+def header_paths(node: Any, prefix: tuple = ()) -> Iterator[tuple]:
+    """Every position in a decoded header tree, parents before children."""
     yield prefix
     if isinstance(node, dict):
         for key, value in node.items():
-            yield from _paths(value, prefix + (key,))
+            yield from header_paths(value, prefix + (key,))
     elif isinstance(node, list):
         for index, value in enumerate(node):
-            yield from _paths(value, prefix + (index,))
+            yield from header_paths(value, prefix + (index,))
 
 
-def _replaced(tree: Any, path: tuple, value: Any) -> Any:
+def replaced(tree: Any, path: tuple, value: Any) -> Any:
+    """A copy of ``tree`` with the value at ``path`` replaced (the rest shared)."""
     if not path:
         return value
     copy = dict(tree) if isinstance(tree, dict) else list(tree)
-    copy[path[0]] = _replaced(tree[path[0]], path[1:], value)
+    copy[path[0]] = replaced(tree[path[0]], path[1:], value)
     return copy
 
 
@@ -242,7 +244,7 @@ def make_case(seed: int, number: int, bases: list[Base], plan: list, values: lis
     if number // len(POLICIES) < len(plan):
         mutator, b, path, v = plan[number // len(POLICIES)]
         base = bases[b]
-        return policy, mutator, fmt.join(pack(_replaced(base.tree, path, values[v])), base.frames)
+        return policy, mutator, fmt.join(pack(replaced(base.tree, path, values[v])), base.frames)
     base = rng.choice(bases)
     data = base.data
     mutator = rng.choice(MUTATORS)
@@ -269,7 +271,7 @@ def make_case(seed: int, number: int, bases: list[Base], plan: list, values: lis
         return policy, mutator, data[:at] + other[chunk_at:chunk_at + rng.randint(1, 64)] + data[at:]
     if mutator == "field":
         path = rng.choice(base.paths)
-        return policy, mutator, fmt.join(pack(_replaced(base.tree, path, rng.choice(values))), base.frames)
+        return policy, mutator, fmt.join(pack(replaced(base.tree, path, rng.choice(values))), base.frames)
     if mutator == "rekey":  # a map's key renamed: non-str keys, special names (class attrs, globals)
         maps = [p for p in base.paths if isinstance(_at(base.tree, p), dict) and _at(base.tree, p)]
         path = rng.choice(maps)
@@ -277,12 +279,12 @@ def make_case(seed: int, number: int, bases: list[Base], plan: list, values: lis
         key = rng.choice(list(old))
         new_key = rng.choice([v for v in values if isinstance(v, (type(None), bool, int, float, str, bytes))])
         renamed = {(new_key if k == key else k): v for k, v in old.items()}
-        return policy, mutator, fmt.join(pack(_replaced(base.tree, path, renamed)), base.frames)
+        return policy, mutator, fmt.join(pack(replaced(base.tree, path, renamed)), base.frames)
     if mutator == "frameref":  # every integer field of a frame-naming node, out of range
         spots = [p for p in base.paths if len(p) >= 3 and p[0] == "nodes" and isinstance(_at(base.tree, p), int)]
         bad = rng.choice((-1, len(base.frames), 2**32 - 1, 2**63 - 1, -(2**63)))
         path = rng.choice(spots) if spots else ("frames",)
-        return policy, mutator, fmt.join(pack(_replaced(base.tree, path, bad)), base.frames)
+        return policy, mutator, fmt.join(pack(replaced(base.tree, path, bad)), base.frames)
     if mutator == "tablesize":  # frame table entries with huge or negative offsets and lengths
         table = [list(entry) for entry in base.tree["frames"]] or [[0, 0]]
         slot = rng.randrange(len(table))

@@ -14,6 +14,7 @@ import textwrap
 from dataclasses import dataclass
 
 from .policy import Policy
+from .rules import access_label
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Disagreement:
 
     @property
     def label(self) -> str:
-        return f"{self.module}.{self.attribute}" if self.attribute else self.module
+        return access_label(self.module, self.attribute)
 
 
 @dataclass

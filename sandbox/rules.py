@@ -222,7 +222,12 @@ class LogEntry:
 
     @property
     def label(self) -> str:
-        return f"{self.module}.{self.attribute}" if self.attribute else self.module
+        return access_label(self.module, self.attribute)
+
+
+def access_label(module: str, attribute: str | None) -> str:
+    """``module.attribute``, or the module alone: how an access is named to the user."""
+    return f"{module}.{attribute}" if attribute else module
 
 
 def terminal_rules(origin: str) -> list[Rule]:

@@ -22,31 +22,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import capture  # noqa: E402
+from fuzz.bundles import header_paths, replaced  # noqa: E402
 import myclasses  # noqa: E402
 import mymethods  # noqa: E402
 
 MAX_MUTATIONS = 2500
 REPLACEMENTS = [None, -1, 2**63, 1.5, "x", b"\x00", [], {}, msgpack.ExtType(1, b"\xff\xff\xff\xff")]
-
-
-def paths(node, prefix=()):
-    """Every position in the header tree, parents before children."""
-    yield prefix
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from paths(value, prefix + (key,))
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            yield from paths(value, prefix + (index,))
-
-
-def replaced(tree, path, value):
-    """A copy of ``tree`` with the value at ``path`` replaced."""
-    if not path:
-        return value
-    copy = dict(tree) if isinstance(tree, dict) else list(tree)
-    copy[path[0]] = replaced(tree[path[0]], path[1:], value)
-    return copy
 
 
 def main():
@@ -59,7 +40,7 @@ def main():
     bundle = capture.encode(shipped)
     frames = list(bundle.frames)
     tree = msgpack.unpackb(bundle.header, raw=False, strict_map_key=False)
-    candidates = [(path, value) for path in paths(tree) for value in REPLACEMENTS]
+    candidates = [(path, value) for path in header_paths(tree) for value in REPLACEMENTS]
     step = max(1, len(candidates) // MAX_MUTATIONS)
     failures = []
     tried = 0

@@ -24,7 +24,6 @@ sandbox must make it unreachable anyway.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import shutil
@@ -35,6 +34,8 @@ from pathlib import Path
 import runner
 import runner.models
 import sandbox
+
+from runner_support import environment
 
 from .attempts import ATTEMPTS, Attempt
 from .witness import Outcome, Witness
@@ -97,21 +98,6 @@ def attempt_function_name(attempt: Attempt) -> str:
     return f"attempt_{attempt.name}"
 
 
-@contextlib.contextmanager
-def _environment(**variables: str):
-    """Set environment variables for a server started inside the block, then restore them."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def parse_layers(report: str) -> dict[str, str]:
     """Layer name -> status from the worker's sandbox report text (``str(sandbox.Report)``).
 
@@ -153,7 +139,7 @@ class RunnerWorker:
         self.module = None
         self.worker = None
         try:
-            with _environment(SOURCEBOX_ESCAPE_SECRET=witness.env_secret, PYTHONPATH=str(witness.client_dir)):
+            with environment(SOURCEBOX_ESCAPE_SECRET=witness.env_secret, PYTHONPATH=str(witness.client_dir)):
                 self.worker = runner.Worker(model=str(self.model_dir), policy=policy, confine=confine, timeout=timeout)
             self._attach()
         except BaseException:
