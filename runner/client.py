@@ -28,8 +28,8 @@ import msgpack
 from . import envs, errors, shm
 from .defaults import check_seconds
 from .errors import WorkerCrashed, rebuild
-from .frames import Outcome, encode_call_frames, encode_payload, load_policy, model_placeholder as _model_placeholder, model_token as _model_token, \
-    outcome_bytes, outcome_of, result_view
+from .frames import (Outcome, encode_call_frames, encode_payload, load_policy, model_placeholder as _model_placeholder,
+                     outcome_bytes, outcome_of, result_view)
 from .owned_server import OwnedServer, listening
 from .protocol import (CLIENT, DEFAULT_SHM_THRESHOLD, ERROR, MISS, PING, REPLY, REQUEST, SERVER, STATUS, STOP,
                        WAIT_READY, answers)
@@ -184,11 +184,8 @@ class Worker:
     # -- requests ----------------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Run ``fn(*args, **kwargs)`` in the worker; return a Future of its result."""
-        variables = {"fn": fn, "args": args, "kwargs": kwargs}
-
         def encode(known: Container[str]) -> capture.Bundle:
-            return capture.encode_variables(variables, policy=self.policy, persistent_id=_model_token,
-                                            known_sources=known)
+            return encode_call_frames(fn, args, kwargs, policy=self.policy, known_sources=known)
 
         return self._submit("call", self.timeout, encode=encode)
 
