@@ -13,7 +13,8 @@ request runs.
 How each part is found (docs/SECURITY.md, "Requests cannot touch each other"):
 
 - the model: every tensor's object, shape, dtype, device, data pointer and
-  ``requires_grad`` against start-up, and a blake2b fingerprint of every storage;
+  ``requires_grad`` against start-up; its CPU parameters are read-only memory
+  (``runner.weights``: a write faults), every other storage has a SHA-256 fingerprint;
 - namespaces: the dicts of every module loaded at start-up and of their classes, of every
   submodule of the model and its config, the model's hook dicts and torch's global hook
   dicts are watched by CPython's per-dict version tag (one vectorised read of all of
@@ -243,8 +244,9 @@ class Baseline:
     """The worker as it was at the end of start-up: ``scrub()`` and ``check()`` after every
     request bring it back or say why it cannot be."""
 
-    def __init__(self, model: Any, *, scratch: str | None):
+    def __init__(self, model: Any, *, scratch: str | None, read_only: Any = None):
         self.scratch = scratch
+        self._read_only = read_only  # runner.weights.ReadOnlyParameters: not fingerprinted
         self.torch = torch = sys.modules.get("torch")
         self._torch_modes = (torch.is_grad_enabled(), torch.get_default_dtype()) if torch is not None else None
         self.audit_events: list[str] = []
@@ -323,19 +325,20 @@ class Baseline:
         }
 
     def _fingerprint(self) -> dict[int, bytes]:
-        """blake2b of every storage the model's tensors use, each once (tied weights share
-        one). A storage on another device is copied to the host first: correct, but a CUDA
-        model wants a device-side hash instead (docs/SECURITY.md)."""
+        """SHA-256 of every storage the model's tensors use that is not read-only memory,
+        each once (tied weights share one). A storage on another device is copied to the
+        host first: correct, but a CUDA model wants a device-side hash (docs/SECURITY.md)."""
         if self._model is None:
             return {}
         digests = {}
         for _, tensor, _ in self._model["tensors"]:
             storage = tensor.untyped_storage()
-            if storage.data_ptr() in digests:
+            address = storage.data_ptr()
+            if address in digests or (self._read_only is not None and self._read_only.holds(address)):
                 continue
             raw = self.torch.empty(0, dtype=self.torch.uint8, device=storage.device).set_(
                 storage, 0, (storage.nbytes(),))
-            digests[storage.data_ptr()] = hashlib.blake2b(raw.cpu().numpy(), digest_size=16).digest()
+            digests[address] = hashlib.sha256(raw.cpu().numpy()).digest()
         return digests
 
     def _model_findings(self) -> list[str]:

@@ -19,6 +19,7 @@ import itertools
 import os
 import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -449,7 +450,12 @@ class WorkerLifecycle:
         self.restarts += 1
         self.last_crash = f"{lost.reason} ({describe_exit(returncode)})"
         self._say(f"worker {worker.pid}: {self.last_crash}; restarting")
-        return failure(lost.category, lost.reason, returncode=returncode, stderr_tail=worker.output_tail())
+        reason = lost.reason
+        if returncode == -signal.SIGSEGV and lost.category == errors.CRASHED:
+            reason += (" of a memory fault; the model's parameters are read-only in the worker, so a request "
+                       "that writes to one (an in-place op on a weight: .data.add_, copy_, load_state_dict) "
+                       "ends this way: compute with a copy (weight.clone()) instead")
+        return failure(lost.category, reason, returncode=returncode, stderr_tail=worker.output_tail())
 
     def retiring(self) -> None:
         """Count a retirement now (a ``status`` asked after the answer waits for it);

@@ -32,6 +32,7 @@ import argparse
 import collections
 import collections.abc
 import ctypes
+import faulthandler
 import importlib
 import importlib.util
 import os
@@ -47,7 +48,7 @@ import traceback
 import capture
 import sandbox
 
-from . import handlers, hygiene
+from . import handlers, hygiene, weights
 from .nnsight_compat import torch_module
 from . import errors as errors_module
 from .errors import BadMessage, ProtocolError, describe, failure
@@ -364,6 +365,16 @@ def _load_model(directory: str | None, device: str):
     return model, str(parameter.device) if parameter is not None else device
 
 
+def _protect_parameters(model) -> weights.ReadOnlyParameters | None:
+    """Make the model's CPU parameters read-only (``runner.weights``), except with the
+    test-only switch that turns the between-request isolation off."""
+    module = torch_module(model)
+    torch = sys.modules.get("torch")
+    if hygiene.DISABLED or torch is None or not isinstance(module, torch.nn.Module):
+        return None
+    return weights.protect(module, torch)
+
+
 def _start_thread_pool(torch) -> None:
     """Start torch's intra-op (OpenMP) pool now, confined like every thread: it then exists
     before user code can use up the task bound, and libgomp ends the process when it cannot
@@ -419,6 +430,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _die_with_parent(args.parent_pid)
+    # A fault (a request writing to the read-only parameters, ``runner.weights``) prints
+    # the Python lines that made it into the output tail the client's WorkerCrashed carries.
+    faulthandler.enable()
     # numpy's OpenBLAS starts its pool when loaded (through torch, below): held to one
     # thread so that this one is alone at sandbox.enter. torch's pool starts at first use.
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
@@ -458,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 0
                 started = time.monotonic()
             model, device = _load_model(model_dir, args.device)
+            read_only = _protect_parameters(model)
             if "torch" in sys.modules:
                 _start_thread_pool(sys.modules["torch"])
             _warm_up(model)
@@ -474,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             threading.Thread(target=loop.report_gpu_memory, args=(torch,), daemon=True,
                              name="gpu-memory").start()
         if not hygiene.DISABLED:
-            loop.hygiene = hygiene.Baseline(model, scratch=args.scratch)
+            loop.hygiene = hygiene.Baseline(model, scratch=args.scratch, read_only=read_only)
         # The supervisor logs one line per start (``confinement``); the full report is in
         # its status (``python -m runner status``) and its log with ``serve --verbose``.
         conn.send(READY, 0, {

@@ -110,6 +110,18 @@ USER_MODULE = textwrap.dedent('''\
         return "planted"
 
 
+    def plant_weight_state(model):
+        module = model._module
+        module.load_state_dict({name: value + 1.0 for name, value in module.state_dict().items()})  # copies in place
+        return "planted"
+
+
+    def plant_weight_rebind(model):
+        weight = model._module.transformer.h[0].mlp.c_fc.weight
+        weight.data = weight.data + 1.0  # other memory, not a write to the parameter's own
+        return "planted"
+
+
     def plant_softmax_through_facade():
         torch.softmax = lambda *args, **kwargs: None
         return "planted"
@@ -371,13 +383,30 @@ def test_a_forward_hook_does_not_see_the_next_clients_prompt(session):
         assert [IDS] in seen, "with hygiene off the hook should record the victim's prompt"
 
 
-def test_a_changed_weight_does_not_change_the_next_clients_prediction(session):
-    retired = session.plant("plant_weight")
+@pytest.mark.parametrize("attack", ["plant_weight", "plant_weight_state"])
+def test_a_weight_written_in_place_does_not_change_the_next_clients_prediction(session, attack):
+    before = session.victim_run()
+    restarts = session.worker.status()["restarts"]
+    planted, error = session.attacker.ask("call", fn=attack, args=["MODEL"])
+    result = session.victim_run()
+    if session.protected:
+        # The parameters are read-only memory (runner.weights): the write faults, the worker
+        # is replaced, and the attacker is told why and where.
+        assert planted is None and error.startswith("WorkerCrashed") and "read-only" in error and attack in error
+        assert session.worker.status()["restarts"] == restarts + 1
+        assert _same_result(result, session.reference)
+    else:
+        assert planted == "planted" and result["predict"] != before["predict"]
+
+
+def test_a_weight_rebound_to_other_memory_does_not_change_the_next_clients_prediction(session):
+    before = session.victim_run()
+    retired = session.plant("plant_weight_rebind")
     result = session.victim_run()
     if session.protected:
         assert retired == 1 and _same_result(result, session.reference)
     else:
-        assert result["predict"] != session.reference["predict"]
+        assert result["predict"] != before["predict"]
 
 
 def test_torch_softmax_cannot_be_replaced_for_the_next_client(session):
@@ -444,12 +473,13 @@ def test_files_and_descriptors_a_request_leaves_are_gone_before_the_next(session
 
 
 def test_a_replaced_handler_does_not_serve_the_next_client(session):
+    restarts = session.worker.status()["restarts"]
     retired = session.plant("plant_handler")
     result = session.victim_run()
     seen = session.collect("collect_handler")
     if session.protected:
         assert retired == 1 and seen == [] and _same_result(result, session.reference)
-        assert session.worker.status()["restarts"] == 0  # retirements are planned, not crashes
+        assert session.worker.status()["restarts"] == restarts  # retirements are planned, not crashes
     else:
         assert any(PASSWORD in args for args in seen)
 

@@ -1,0 +1,67 @@
+"""The model's CPU parameters, moved at start-up into one mapping the kernel keeps read-only.
+
+A request that writes to a parameter (``weight.data.add_(1)``, ``copy_``,
+``load_state_dict``) then faults: the worker dies of SIGSEGV before anything else runs on
+the changed weight, and the supervisor starts a fresh one. So the check after every request
+(``runner.hygiene``) need not hash these parameters: it still confirms each one points where
+it pointed at start-up (``param.data = other`` is found there), and hashes what is not in
+the mapping (buffers, which some models rewrite in their forward, and storages on a GPU).
+
+The mapping is anonymous memory of the worker's own; only code that reaches ``mprotect``
+(ctypes, raw memory) could make it writable again, and such code can undo any in-process
+check (docs/SECURITY.md, "Limits").
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from typing import Any
+
+_ALIGN = 64  # every storage starts on a cache line: a multiple of any dtype's size
+_PROT_READ = 0x1
+
+
+class ReadOnlyParameters:
+    """Where the parameters now live: ``holds(address)`` says whether a storage is there."""
+
+    def __init__(self, mapping: mmap.mmap, start: int, length: int, storages: int):
+        self._mapping = mapping  # the memory itself: the parameters' tensors view it
+        self.start, self.length, self.storages = start, length, storages
+
+    def holds(self, address: int) -> bool:
+        return self.start <= address < self.start + self.length
+
+
+def protect(module: Any, torch: Any) -> ReadOnlyParameters | None:
+    """Move ``module``'s dense CPU parameters (tied ones once) into one read-only mapping;
+    ``None`` when it has none. Run once, before the warm-up and the hygiene baseline."""
+    storages: dict[int, tuple[Any, list]] = {}
+    for parameter in {id(p): p for _, p in module.named_parameters(remove_duplicate=False)}.values():
+        if parameter.device.type != "cpu" or parameter.layout != torch.strided:
+            continue
+        storage = parameter.untyped_storage()
+        storages.setdefault(storage.data_ptr(), (storage, []))[1].append(parameter)
+    if not storages:
+        return None
+    offsets, size = [], 0
+    for storage, _ in storages.values():
+        offsets.append(size)
+        size += -(-storage.nbytes() // _ALIGN) * _ALIGN
+    length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+    mapping = mmap.mmap(-1, length)
+    base = torch.frombuffer(mapping, dtype=torch.uint8)
+    with torch.no_grad():
+        for offset, (storage, parameters) in zip(offsets, storages.values()):
+            old = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
+            base[offset:offset + storage.nbytes()].copy_(old)
+            for parameter in parameters:
+                parameter.data = torch.empty(0, dtype=parameter.dtype).set_(
+                    base.untyped_storage(), offset // parameter.element_size() + parameter.storage_offset(),
+                    parameter.size(), parameter.stride())
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if libc.mprotect(base.data_ptr(), length, _PROT_READ) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"mprotect of the model's parameters failed: {os.strerror(error)}")
+    return ReadOnlyParameters(mapping, base.data_ptr(), length, len(storages))
