@@ -33,7 +33,9 @@ import builtins
 import copyreg
 import gc
 import hashlib
+import itertools
 import linecache
+import operator
 import os
 import random
 import shutil
@@ -218,7 +220,10 @@ def _slot_names(cls: type) -> list[str]:
 
 
 def _same(mapping: dict, copy: dict) -> bool:
-    return mapping.keys() == copy.keys() and all(copy[key] is value for key, value in mapping.items())
+    """The same keys holding the same objects (identity, not ``==``, which an object of a
+    request could answer as it likes), in one pass in C."""
+    return len(mapping) == len(copy) and \
+        not any(map(operator.is_not, map(mapping.get, copy, itertools.repeat(_ABSENT)), copy.values()))
 
 
 def _directory_set(path: str) -> frozenset[str]:
@@ -257,10 +262,12 @@ class Baseline:
         self._path_hooks = list(sys.path_hooks)
         self._path = list(sys.path)
         self._linecache = dict(linecache.cache)
-        self._signals = {number: signal.getsignal(number) for number in signal.valid_signals()
-                         if number not in (signal.SIGKILL, signal.SIGSTOP)}
+        self._signal_numbers = tuple(number for number in signal.valid_signals()
+                                     if number not in (signal.SIGKILL, signal.SIGSTOP))
+        self._signal_handlers = tuple(map(signal.getsignal, self._signal_numbers))
         self._gc_callbacks = list(gc.callbacks)
         self._environ = dict(os.environ)
+        self._environ_bytes = dict(os.environ._data)  # what os.environ holds, encoded
         self._warning_filters = list(warnings.filters)
         self._limits = (sys.getrecursionlimit(), sys.getswitchinterval(), sys.get_asyncgen_hooks(),
                         torch.get_num_threads() if torch is not None else None)
@@ -386,10 +393,12 @@ class Baseline:
         if threading.excepthook is not self._threading_hook:
             done.append("threading.excepthook")
             threading.excepthook = self._threading_hook
-        for number, handler in self._signals.items():
-            if signal.getsignal(number) is not handler:  # a handler would run inside the next request
-                done.append(f"signal handler {number}")
-                signal.signal(number, handler)
+        handlers_now = tuple(map(signal.getsignal, self._signal_numbers))
+        if any(map(operator.is_not, handlers_now, self._signal_handlers)):  # identity, in C: 64 signals
+            for number, handler, now in zip(self._signal_numbers, self._signal_handlers, handlers_now):
+                if now is not handler:  # a handler would run inside the next request
+                    done.append(f"signal handler {number}")
+                    signal.signal(number, handler)
         for timer in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
             if signal.getitimer(timer) != (0.0, 0.0):
                 done.append("interval timer")
@@ -397,7 +406,7 @@ class Baseline:
         if gc.callbacks != self._gc_callbacks:
             done.append("gc.callbacks")
             gc.callbacks[:] = self._gc_callbacks
-        if os.environ != self._environ:
+        if not _same(os.environ._data, self._environ_bytes):
             done.append("environment variables")
             for key in os.environ.keys() - self._environ.keys():
                 del os.environ[key]
@@ -433,8 +442,7 @@ class Baseline:
             for parameter in self._model["parameters"]:
                 if parameter.grad is not None:
                     parameter.grad = None
-        if len(linecache.cache) != len(self._linecache) or any(
-                linecache.cache.get(key) is not value for key, value in self._linecache.items()):
+        if not _same(linecache.cache, self._linecache):
             linecache.cache.clear()
             linecache.cache.update(self._linecache)
         if self.scratch and _directory_set(self.scratch):

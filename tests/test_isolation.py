@@ -122,6 +122,34 @@ USER_MODULE = textwrap.dedent('''\
         return "planted"
 
 
+    class _EqualsAnything:
+        """A signal handler that compares equal to any other: only identity tells it apart."""
+
+        def __eq__(self, other):
+            return True
+
+        __hash__ = object.__hash__
+
+        def __call__(self, *args):
+            pass
+
+
+    def plant_process_state(model):
+        import os
+        import signal
+
+        os.environ["SBX_PLANTED"] = "1"
+        signal.signal(signal.SIGUSR1, _EqualsAnything())
+        return "planted"
+
+
+    def collect_process_state(model):
+        import os
+        import signal
+
+        return [os.environ.get("SBX_PLANTED"), type(signal.getsignal(signal.SIGUSR1)).__name__]
+
+
     def plant_softmax_through_facade():
         torch.softmax = lambda *args, **kwargs: None
         return "planted"
@@ -429,6 +457,15 @@ def test_a_profile_function_does_not_see_the_next_clients_arguments(session):
         assert retired == 0 and seen == [] and _same_result(result, session.reference)
     else:
         assert PASSWORD in seen
+
+
+def test_environment_and_signal_handlers_are_put_back_before_the_next_request(session):
+    retired = session.plant("plant_process_state")
+    seen = session.collect("collect_process_state")
+    if session.protected:  # put back exactly: no restart needed
+        assert retired == 0 and seen == [None, "Handlers"]
+    else:
+        assert seen == ["1", "_EqualsAnything"]
 
 
 def test_another_clients_source_is_neither_in_linecache_nor_in_the_source_store(session):
