@@ -4,8 +4,9 @@ Measured in a child process set up as a worker is (handler modules imported, tin
 loaded, torch's pool started, the warm-up run, then the ``Baseline``), because a baseline
 installs an audit hook that nothing can remove: the benchmark process stays as it was.
 The child times, in interleaved rounds, a forward of the tiny model, the whole
-after-request step (scrub and checks) and its parts, and blake2b over a large buffer
-(the fingerprint's cost per GB of parameters), and prints one JSON line.
+after-request step (scrub and checks) and its parts, and SHA-256 over a large buffer (the
+fingerprint's cost per GB of what is not read-only: buffers, a GPU model's storages), and
+prints one JSON line.
 """
 from __future__ import annotations
 
@@ -52,10 +53,11 @@ def _child(repeats: int, hash_bytes: int) -> dict:
 
     worker._import_extensions([])
     model, _ = worker._load_model(worker._model_directory("tiny-gpt2"), "cpu")
+    read_only = worker._protect_parameters(model)
     worker._start_thread_pool(torch)
     worker._warm_up(model)
     with tempfile.TemporaryDirectory(prefix="sourcebox-bench-scratch-") as scratch:
-        baseline = hygiene.Baseline(model, scratch=scratch)
+        baseline = hygiene.Baseline(model, scratch=scratch, read_only=read_only)
         watched = baseline._watched
         ids = torch.arange(8).unsqueeze(0)
         buffer = torch.ones(hash_bytes // 4).numpy()
@@ -76,15 +78,18 @@ def _child(repeats: int, hash_bytes: int) -> dict:
             NAMESPACES_COPIES: copies, MODEL: baseline._model_findings, FINGERPRINT: baseline._fingerprint,
             CHECKS: lambda: baseline.check(()),
         }, repeats=repeats)
-        hashing = interleaved({"blake2b": lambda: hashlib.blake2b(buffer, digest_size=16).digest()},
-                              repeats=max(3, repeats // 5))["blake2b"]
+        hashing = interleaved({"sha256": lambda: hashlib.sha256(buffer).digest()},
+                              repeats=max(3, repeats // 5))["sha256"]
         parameter_bytes = sum(t.numel() * t.element_size() for _, t, _ in baseline._model["tensors"])
+        fingerprinted = sum(t.untyped_storage().nbytes() for _, t, _ in baseline._model["tensors"]
+                            if read_only is None or not read_only.holds(t.untyped_storage().data_ptr()))
         return {
             "times": {name: summarize(values) for name, values in samples.items()},
             "ratio_to_forward": paired_ratios(samples[AFTER], samples[FORWARD]),
             "watched_dicts": len(watched.dicts), "version_tags": watched.uses_tags,
-            "model_parameter_bytes": parameter_bytes,
-            "blake2b_seconds_per_gb": summarize([seconds * (1 << 30) / hash_bytes for seconds in hashing]),
+            "model_parameter_bytes": parameter_bytes, "read_only_bytes": read_only.length if read_only else 0,
+            "fingerprinted_bytes": fingerprinted,
+            "hash_seconds_per_gb": summarize([seconds * (1 << 30) / hash_bytes for seconds in hashing]),
             "hash_buffer_bytes": hash_bytes,
         }
 

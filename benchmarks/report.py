@@ -225,12 +225,14 @@ def _hygiene(results: dict) -> list[str]:
         return lines + [f"Unavailable: {measured.get('reason', 'not run')}", ""]
     lines += [f"After every request the worker scrubs and checks itself (`runner/hygiene.py`): "
               f"{measured['watched_dicts']:,} namespaces watched "
-              f"({'by version tag' if measured['version_tags'] else 'by comparing copies'}), tiny-gpt2's "
-              f"{bytes_text(measured['model_parameter_bytes'])} of parameters fingerprinted.", ""]
+              f"({'by version tag' if measured['version_tags'] else 'by comparing copies'}); tiny-gpt2's "
+              f"{bytes_text(measured['model_parameter_bytes'])} of parameters are read-only memory "
+              f"({bytes_text(measured['read_only_bytes'])} mapped, `runner/weights.py`), "
+              f"{bytes_text(measured['fingerprinted_bytes'])} of other storages fingerprinted.", ""]
     lines += _table(["step", "time"], [[name, stats_text(value)] for name, value in measured["times"].items()])
     lines += [f"Hygiene / forward, round by round: {ratio_stats_text(measured['ratio_to_forward'])}. "
-              f"Fingerprinting grows with the parameters: blake2b takes "
-              f"{time_text(measured['blake2b_seconds_per_gb']['median'])} per GiB on this CPU "
+              f"Fingerprinting grows with what is not read-only (buffers, a GPU model's storages): SHA-256 "
+              f"takes {time_text(measured['hash_seconds_per_gb']['median'])} per GiB on this CPU "
               f"(over {bytes_text(measured['hash_buffer_bytes'])}).", ""]
     return lines
 
