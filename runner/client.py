@@ -104,6 +104,9 @@ class Worker:
     the worker's packages). ``profile``: simulate a server from its environment snapshot
     (``"ndif-env"``): its policy and a worker on its Python version (``python``, or the
     profile's environment).
+    ``start_server``: ``False`` connects only to a server already listening at ``socket``
+    and never starts one (``WorkerCrashed`` when none listens; on a lost connection it
+    reconnects, within ``reconnect`` seconds, as to anyone else's server).
     The server-side settings apply only when this ``Worker`` starts the server.
 
     The server is authenticated before any request goes out (docs/RUNNER.md,
@@ -124,7 +127,7 @@ class Worker:
                  start_timeout: float = 600.0, handlers: tuple[str, ...] = (),
                  reconnect: float = DEFAULT_RECONNECT_SECONDS, threads: int | None = None,
                  isolate_clients: bool = False, python: str | os.PathLike | None = None,
-                 profile: str | None = None):
+                 profile: str | None = None, start_server: bool = True):
         self.shm_threshold = shm_threshold
         self.reconnect = reconnect
         self.timeout = None if timeout is None else check_seconds(timeout, "timeout")
@@ -146,6 +149,9 @@ class Worker:
         if profile is not None:
             policy = profile if policy is None else policy
         try:
+            if not start_server and (socket is None or not listening(socket)):
+                raise WorkerCrashed(f"no worker server listens at {socket!r}, and start_server=False: this Worker "
+                                    "only connects to a running one")
             if socket is None or not listening(socket):
                 # Another interpreter for the worker (docs/RUNNER.md, "Another Python"),
                 # resolved and checked before a server starts.

@@ -113,6 +113,13 @@ def describe_model(model):
     return repr(model)
 
 
+def test_a_worker_that_only_connects_starts_no_server_where_none_listens(tmp_path):
+    path = tmp_path / "gone.sock"
+    with pytest.raises(runner.WorkerCrashed, match="start_server=False"):
+        runner.Worker(model="none", socket=str(path), start_server=False)
+    assert not path.exists()
+
+
 def test_a_call_returns_its_result(worker):
     assert worker.call(add, 2, b=40) == 42
     assert worker.call(identity, {"k": [1, 2.5, None, "s"]}) == {"k": [1, 2.5, None, "s"]}
