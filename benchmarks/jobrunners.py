@@ -3,9 +3,10 @@
 - Paths: ``Worker.call``, ``Worker.run_frames`` + ``decode_outcome``, and ``encode_call`` +
   ``Worker.run_bytes`` + ``decode_result``, at 1 MiB and 64 MiB, with the copies of the
   tensor's bytes each makes (counted from the code, listed with the times).
-- Ray: an empty call, 1 KiB and 64 MiB through ``RayExecutor``, against a direct
-  ``Worker.call`` and against a plain Ray task carrying the same function with cloudpickle
-  by value, interleaved in one run; ratios are round by round.
+- Ray: an empty call, 1 KiB and 64 MiB through ``RayExecutor`` (from the replica's node,
+  so straight to its server, and relayed through the actor, ``same_node=False``), against
+  a direct ``Worker.call`` and against a plain Ray task carrying the same function with
+  cloudpickle by value, interleaved in one run; ratios are round by round.
 
 The Ray cluster is a throwaway one on loopback (no dashboard), started and stopped here.
 """
@@ -25,7 +26,8 @@ from .measure import Progress, interleaved, paired_ratios, summarize
 from .settings import MIB, Settings
 
 CALL, FRAMES, BYTES = "Worker.call", "run_frames", "run_bytes"
-RAY_EXECUTOR, DIRECT, RAY_TASK = "RayExecutor", "Worker.call", "Ray task, cloudpickle by value"
+RAY_EXECUTOR, RAY_RELAYED, DIRECT, RAY_TASK = ("RayExecutor (same node)", "RayExecutor, relayed by the actor",
+                                              "Worker.call", "Ray task, cloudpickle by value")
 # Copies of a tensor argument's bytes there and of the result's back, as the code makes them.
 COPIES = {
     CALL: "2: into the request memfd; the worker writes the sealed result memfd (mapped, not copied, here)",
@@ -97,11 +99,12 @@ def _path_contenders(worker: Any, identity: Any, value: Any) -> dict:
     return {CALL: lambda: worker.call(identity, value), FRAMES: frames, BYTES: as_bytes}
 
 
-def _ray_contenders(pool: Any, worker: Any, task: Any, identity: Any, value: Any) -> dict:
+def _ray_contenders(pool: Any, relayed: Any, worker: Any, task: Any, identity: Any, value: Any) -> dict:
     import ray
 
     return {
         RAY_EXECUTOR: lambda: pool.submit(identity, value).result(),
+        RAY_RELAYED: lambda: relayed.submit(identity, value).result(),
         DIRECT: lambda: worker.call(identity, value),
         RAY_TASK: lambda: ray.get(task.remote(value)),
     }
@@ -125,11 +128,13 @@ def _ray(user: Any, settings: Settings, progress: Progress) -> dict:
         ray.cloudpickle.register_pickle_by_value(user)  # the plain task carries the module's code itself
         task = ray.remote(user.identity)
         entries = []
-        with runner.RayExecutor("none", namespace="sourcebox-bench") as pool, runner.Worker(model="none") as worker:
+        with runner.RayExecutor("none", namespace="sourcebox-bench") as pool, \
+                runner.RayExecutor("none", namespace="sourcebox-bench", same_node=False) as relayed, \
+                runner.Worker(model="none") as worker:
             for label, size in (("empty", None), ("1 KiB", 1024), ("64 MiB", 64 * MIB)):
                 progress(f"Ray: {label}")
                 value = None if size is None else numpy.random.default_rng(0).integers(0, 255, size, dtype=numpy.uint8)
-                contenders = _ray_contenders(pool, worker, task, user.identity, value)
+                contenders = _ray_contenders(pool, relayed, worker, task, user.identity, value)
                 for contender in contenders.values():
                     back = contender()
                     if size is not None and not numpy.array_equal(back, value):
@@ -138,8 +143,9 @@ def _ray(user: Any, settings: Settings, progress: Progress) -> dict:
                 samples = interleaved(contenders, repeats=repeats)
                 entries.append({"label": label, "bytes": size or 0,
                                 "times": {name: summarize(s) for name, s in samples.items()},
-                                "ratios": {name: paired_ratios(samples[RAY_EXECUTOR], samples[name])
-                                           for name in (DIRECT, RAY_TASK)}})
+                                "ratios": {executor: {name: paired_ratios(samples[executor], samples[name])
+                                                      for name in (DIRECT, RAY_TASK)}
+                                           for executor in (RAY_EXECUTOR, RAY_RELAYED)}})
         sourcebox_ray.undeploy("none", namespace="sourcebox-bench")
         return {"status": "ok", "ray_version": ray.__version__, "entries": entries}
     finally:
@@ -168,14 +174,16 @@ def markdown(results: dict | None) -> list[str]:
     section = results.get("ray", {})
     if section.get("status") != "ok":
         return lines + [f"Ray: not measured: {section.get('reason', 'not run')}", ""]
-    lines += [f"Ray {section['ray_version']}, one replica on a one-node loopback cluster: `RayExecutor` against "
+    lines += [f"Ray {section['ray_version']}, one replica on a one-node loopback cluster: `RayExecutor` from the "
+              "replica's node (straight to its server) and relayed through the actor (`same_node=False`), against "
               "a direct `Worker.call` and a plain Ray task carrying the same function by value (cloudpickle):", ""]
     rows = []
     for entry in section["entries"]:
         times = entry["times"]
-        rows.append([entry["label"], stats_text(times[RAY_EXECUTOR]), stats_text(times[DIRECT]),
-                     stats_text(times[RAY_TASK]), ratio_stats_text(entry["ratios"][DIRECT]),
-                     ratio_stats_text(entry["ratios"][RAY_TASK])])
-    lines += _table(["argument", "RayExecutor", "Worker.call", "Ray task (by value)", "RayExecutor / Worker.call",
-                     "RayExecutor / Ray task"], rows)
+        for executor in (RAY_EXECUTOR, RAY_RELAYED):
+            rows.append([entry["label"], executor, stats_text(times[executor]), stats_text(times[DIRECT]),
+                         stats_text(times[RAY_TASK]), ratio_stats_text(entry["ratios"][executor][DIRECT]),
+                         ratio_stats_text(entry["ratios"][executor][RAY_TASK])])
+    lines += _table(["argument", "path", "RayExecutor", "Worker.call", "Ray task (by value)",
+                     "RayExecutor / Worker.call", "RayExecutor / Ray task"], rows)
     return lines

@@ -37,7 +37,7 @@ import ray.exceptions
 
 from . import errors, shm
 from .client import Worker
-from .frames import (MISS, REPLY, Outcome, decode_outcome, encode_call_frames, encode_payload, failure_outcome,
+from .frames import (ERROR, MISS, REPLY, Outcome, decode_outcome, encode_call_frames, encode_payload, failure_outcome,
                      load_policy)
 from .owned_server import listening
 
@@ -54,6 +54,14 @@ DEFAULT_MAX_CONCURRENCY = 64
 # What tells a call failed because its replica went away (died, restarting, node lost),
 # so it may run again elsewhere: never the worker's own failures, which come back as outcomes.
 _REPLICA_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+
+
+# Failures a server reports when it, or its worker, was ended from outside the call.
+_SERVER_ENDINGS = (errors.CRASHED, errors.STOPPED)
+
+
+class _DirectLinkLost(Exception):
+    """The same-node connection to a replica's server was lost (its actor died with it)."""
 
 
 def actor_name(model: str, index: int) -> str:
@@ -126,7 +134,7 @@ class SandboxActor:
         return {"model": self.model, "actor_pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
                 "node_id": ray.get_runtime_context().get_node_id(), "socket": self._socket,
                 "server_pid": status.get("server_pid"), "worker_pid": status.get("worker_pid"),
-                "policy": self._owner.info.get("policy"), "requests": self._requests,
+                "policy": self._owner.info.get("policy"), "requests": self._requests, "served": status.get("served"),
                 "tenants": sorted(self._tenants), "restarts": status.get("restarts"), "queued": status.get("queued")}
 
     def modules(self) -> list[str]:
@@ -241,11 +249,15 @@ class RayExecutor(concurrent.futures.Executor):
     side effects outside the worker idempotent). A call is never retried when the worker
     itself failed on it (``WorkerCrashed``, ``RequestTimeout``, ``MemoryLimitExceeded``): a
     poison request must not take down every replica. ``timeout``: seconds a call may run.
+    ``same_node``: a replica on this driver's node is reached through its server's socket
+    directly (request frames in shared memory, as ``Worker.call``: no copy through Ray's
+    object store), Ray still placing, naming and restarting it; ``False`` relays every call
+    through the actor.
     """
 
     def __init__(self, model: str = "tiny-gpt2", *, tenant: str | None = None, max_in_flight: int = 8,
                  retries: int = 2, address: str | None = None, namespace: str = NAMESPACE,
-                 timeout: float | None = None):
+                 timeout: float | None = None, same_node: bool = True):
         if max_in_flight < 1 or retries < 0:
             raise ValueError("max_in_flight must be at least 1 and retries at least 0")
         _connect(address)
@@ -255,6 +267,11 @@ class RayExecutor(concurrent.futures.Executor):
         self._handles: dict[str, Any] = {}
         self._in_flight: dict[str, int] = {}
         self._known: dict[str, tuple[str | None, set]] = {}  # replica -> (store id, digests it holds)
+        # replica -> a connection to its server when it runs on this node (None: relay through the actor)
+        self._direct: dict[str, Worker | None] = {}
+        self._direct_actor: dict[str, int] = {}  # replica -> the actor pid its direct link was made to
+        self._linking = threading.Lock()  # one thread at a time decides a replica's path
+        self._node = ray.get_runtime_context().get_node_id() if same_node else None
         self._turn = itertools.count()
         self._refresh()
         info = ray.get(self._handles[next(iter(self._handles))].info.remote())
@@ -273,8 +290,11 @@ class RayExecutor(concurrent.futures.Executor):
                 if name not in self._handles:
                     self._handles[name] = ray.get_actor(name, namespace=self.namespace)
                     self._in_flight.setdefault(name, 0)
-            for name in set(self._handles) - set(names):
+            gone = set(self._handles) - set(names)
+            for name in gone:
                 del self._handles[name]
+        for name in gone:
+            self._drop_link(name)
 
     # -- the Executor interface ---------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
@@ -304,6 +324,10 @@ class RayExecutor(concurrent.futures.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        with self._lock:
+            links, self._direct = [link for link in self._direct.values() if link is not None], {}
+        for link in links:
+            link.close()
 
     # -- one call -------------------------------------------------------------------------
     def _run(self, kind: str, encode: Callable[[Container[str]], capture.Bundle], timeout: float | None,
@@ -313,13 +337,14 @@ class RayExecutor(concurrent.futures.Executor):
             name = self._pick()
             try:
                 outcome = self._send(name, kind, encode, timeout, full=resent)
-            except _REPLICA_LOST as exc:
+            except (*_REPLICA_LOST, _DirectLinkLost) as exc:
                 failures += 1
                 if failures > self.retries:
                     raise errors.WorkerCrashed(
                         f"replica {name} was lost {failures} time(s) running this call "
                         f"({type(exc).__name__}); gave up after {self.retries} retries") from exc
                 self._forget(name)
+                self._drop_link(name)
                 time.sleep(min(0.25 * 2 ** failures, 4.0))  # give Ray time to restart or reschedule it
                 self._refresh()
                 continue
@@ -344,13 +369,60 @@ class RayExecutor(concurrent.futures.Executor):
             store, known = self._known.get(name, (None, set()))
             known = () if full else set(known)
         bundle = encode(known)
-        header, frames = _as_array(bundle.header), [_as_array(frame) for frame in bundle.frames]
-        kind_back, meta, frames_back = ray.get(self._handles[name].run.remote(self.tenant, kind, header, frames, timeout))
-        if kind_back == REPLY:
-            self._note(name, meta.get("sources"), bundle.source_digests)
-        elif kind_back == MISS:
+        link = self._direct_link(name)
+        if link is not None:
+            try:
+                outcome = link.run_frames(bundle.header, bundle.frames, kind, timeout=timeout)
+            except errors.WorkerCrashed as exc:  # the connection: the worker's own failures are outcomes
+                raise _DirectLinkLost(f"the connection to replica {name}'s server was lost: {exc}") from exc
+            if outcome.kind == ERROR and (outcome.meta.get("error") or {}).get("category") in _SERVER_ENDINGS \
+                    and not self._still_there(name):
+                # Its server went down with the actor (Ray ends an actor's children with it):
+                # the replica was lost, not failed by this call, which runs again as relayed ones do.
+                raise _DirectLinkLost(f"replica {name} ended while running this call")
+        else:
+            header, frames = _as_array(bundle.header), [_as_array(frame) for frame in bundle.frames]
+            outcome = Outcome(*ray.get(self._handles[name].run.remote(self.tenant, kind, header, frames, timeout)))
+        if outcome.kind == REPLY:
+            self._note(name, outcome.meta.get("sources"), bundle.source_digests)
+        elif outcome.kind == MISS:
             self._forget(name)
-        return Outcome(kind_back, meta, frames_back)
+        return outcome
+
+    def _direct_link(self, name: str) -> Worker | None:
+        """A connection to the server of replica ``name`` if it runs on this node and its
+        socket answers here (not, say, across a container boundary); else ``None``."""
+        with self._lock:
+            if name in self._direct or self._node is None:
+                return self._direct.get(name)
+        with self._linking:
+            with self._lock:
+                if name in self._direct:
+                    return self._direct[name]
+                handle = self._handles[name]
+            link = None
+            info = ray.get(handle.info.remote())
+            if info.get("node_id") == self._node:
+                try:
+                    # Never a server of our own in its place, and no waiting for a gone one:
+                    # a lost replica is retried through Ray, which restarts it.
+                    link = Worker(socket=info["socket"], start_server=False, reconnect=0, timeout=self.timeout)
+                except (OSError, errors.RunnerError):
+                    link = None
+            with self._lock:
+                self._direct[name] = link
+                if link is not None:
+                    self._direct_actor[name] = info.get("actor_pid")
+            return link
+
+    def _still_there(self, name: str) -> bool:
+        """Whether the actor replica ``name``'s same-node link was made to is the one Ray runs now."""
+        try:
+            info = ray.get(self._handles[name].info.remote())
+        except _REPLICA_LOST:
+            return False
+        with self._lock:
+            return info.get("actor_pid") == self._direct_actor.get(name)
 
     def _note(self, name: str, sources: Any, digests: list) -> None:
         store_id = sources.get("id") if isinstance(sources, dict) else None
@@ -363,6 +435,14 @@ class RayExecutor(concurrent.futures.Executor):
     def _forget(self, name: str) -> None:
         with self._lock:
             self._known.pop(name, None)
+
+    def _drop_link(self, name: str) -> None:
+        """After a lost replica: its next path is decided again (it may come back elsewhere)."""
+        with self._lock:
+            link = self._direct.pop(name, None)
+            self._direct_actor.pop(name, None)
+        if link is not None:
+            link.close()
 
     def __repr__(self) -> str:
         return f"<runner.RayExecutor model {self.model!r} tenant {self.tenant!r} replicas {sorted(self._handles)}>"

@@ -188,10 +188,21 @@ def test_the_actor_is_unconfined_the_worker_confined_and_an_escape_is_refused(pl
     assert target.read_text() == "escaped"
 
 
-def test_a_64_mib_identity_call_is_correct_and_its_cost_against_a_direct_call_is_reported(plain, user):
+def test_calls_from_the_replicas_node_go_to_its_server_directly_and_relay_through_the_actor_on_request(plain, user):
+    for same_node in (True, False):
+        before = replica_info()
+        with executor(same_node=same_node) as pool:
+            assert [pool.submit(user.triple, n).result() for n in range(3)] == [0, 3, 6]
+        after = replica_info()
+        assert after["served"] - before["served"] == 3
+        assert after["requests"] - before["requests"] == (0 if same_node else 3), same_node  # relayed by the actor
+
+
+@pytest.mark.parametrize("same_node", [True, False], ids=["same-node", "relayed"])
+def test_a_64_mib_identity_call_is_correct_and_its_cost_against_a_direct_call_is_reported(plain, user, same_node):
     value = numpy.random.default_rng(0).integers(0, 255, 64 << 20, dtype=numpy.uint8)
     through_ray, direct = [], []
-    with executor() as pool, runner.Worker(model="none") as worker:
+    with executor(same_node=same_node) as pool, runner.Worker(model="none") as worker:
         for _ in range(3):  # interleaved, so both see the same machine
             started = time.perf_counter()
             back = pool.submit(user.identity, value).result()
@@ -200,26 +211,33 @@ def test_a_64_mib_identity_call_is_correct_and_its_cost_against_a_direct_call_is
             started = time.perf_counter()
             assert numpy.array_equal(worker.call(user.identity, value), value)
             direct.append(time.perf_counter() - started)
-        # Ray hands the outcome's frames over as read-only views of its object store: not copies.
+        # The outcome's frames are views, not copies: read-only ones of Ray's object store
+        # when relayed; of the worker's sealed result memfd, mapped copy-on-write, when sent
+        # to the server directly (as Worker.call's).
         bundle = runner.encode_call_frames(user.identity, (value,), policy=pool.policy)
         outcome = pool.run_frames(bundle.header, bundle.frames)
-        large = max(outcome.frames, key=len)
-        assert len(large) == value.nbytes and not large.flags.writeable and not large.flags.owndata
+        large = max(outcome.frames, key=lambda frame: memoryview(frame).nbytes)
+        assert memoryview(large).nbytes == value.nbytes
+        if same_node:
+            assert not isinstance(memoryview(large).obj, (bytes, bytearray))  # the mapping, not a copy of it
+        else:
+            assert not large.flags.writeable and not large.flags.owndata
     # Reported, not asserted (no timing assertions on this shared machine): the issue asks for
-    # at most 2x; Ray adds three copies of the bytes to Worker.call's two (docs/SCALE.md).
+    # at most 2x; relayed, Ray adds three copies of the bytes to Worker.call's two (docs/SCALE.md).
     ratio = sorted(through_ray)[1] / sorted(direct)[1]
-    print(f"64 MiB identity: RayExecutor {sorted(through_ray)[1] * 1e3:.0f} ms, Worker.call "
-          f"{sorted(direct)[1] * 1e3:.0f} ms, ratio {ratio:.2f}")
+    print(f"64 MiB identity ({'same node' if same_node else 'relayed'}): RayExecutor "
+          f"{sorted(through_ray)[1] * 1e3:.0f} ms, Worker.call {sorted(direct)[1] * 1e3:.0f} ms, ratio {ratio:.2f}")
 
 
-def test_a_worker_crash_raises_once_without_retry_and_the_actor_serves_the_next_call(plain, user):
+@pytest.mark.parametrize("same_node", [True, False], ids=["same-node", "relayed"])
+def test_a_worker_crash_raises_once_without_retry_and_the_actor_serves_the_next_call(plain, user, same_node):
     before = replica_info()
-    with executor(retries=2) as pool:
+    with executor(retries=2, same_node=same_node) as pool:
         with pytest.raises(runner.WorkerCrashed) as caught:
             pool.submit(user.crash).result()
         assert caught.value.returncode == -signal.SIGKILL
         after = replica_info()
-        assert after["requests"] == before["requests"] + 1  # sent once, not retried
+        assert after["restarts"] == before["restarts"] + 1  # run once, not retried
         assert after["actor_pid"] == before["actor_pid"]    # the actor lived through it
         assert pool.submit(user.triple, 5).result() == 15
 
@@ -229,9 +247,10 @@ def shm_names(*pids):
     return sorted(name for name in os.listdir("/dev/shm") if tokens & set(name.replace("-", "_").split("_")))
 
 
-def test_twenty_calls_in_flight_survive_the_actor_being_killed(plain, user):
+@pytest.mark.parametrize("same_node", [True, False], ids=["same-node", "relayed"])
+def test_twenty_calls_in_flight_survive_the_actor_being_killed(plain, user, same_node):
     old = replica_info()
-    with executor(tenant="survivor", max_in_flight=20, retries=3) as pool:
+    with executor(tenant="survivor", max_in_flight=20, retries=3, same_node=same_node) as pool:
         futures = [pool.submit(user.tagged, n, 0.1) for n in range(20)]
         wait_until(lambda: sum(f.done() for f in futures) >= 3, what="the first answers")
         os.kill(old["actor_pid"], signal.SIGKILL)
@@ -295,7 +314,7 @@ def test_nnsight_remote_local_goes_through_the_executor(two_models):
 
     with pytest.warns(FutureWarning):
         model = nnsight.LanguageModel(models.path("tiny-gpt2"))
-    before = replica_info("tiny-gpt2")["requests"]
+    before = replica_info("tiny-gpt2")["served"]
     with executor("tiny-gpt2") as pool:
         sourcebox_nnsight.install(pool)
         try:
@@ -306,7 +325,7 @@ def test_nnsight_remote_local_goes_through_the_executor(two_models):
     with model.trace("Hello world"):
         local = model.lm_head.output.save()
     assert torch.allclose(logits, local, atol=1e-5)
-    assert replica_info("tiny-gpt2")["requests"] == before + 1
+    assert replica_info("tiny-gpt2")["served"] == before + 1
 
 
 def test_every_connection_of_ray_stays_on_loopback(two_models):
