@@ -7,9 +7,11 @@ the changed weight, and the supervisor starts a fresh one. So the check after ev
 it pointed at start-up (``param.data = other`` is found there), and hashes what is not in
 the mapping (buffers, which some models rewrite in their forward, and storages on a GPU).
 
-The mapping is anonymous memory of the worker's own; only code that reaches ``mprotect``
-(ctypes, raw memory) could make it writable again, and such code can undo any in-process
-check (docs/SECURITY.md, "Limits").
+The mapping is anonymous memory made with libc's ``mmap``, not Python's: no Python object
+with ``madvise``, ``resize`` or ``close`` exists for a request to find (``MADV_REMOVE``
+through such an object would zero the weights without a fault). Only code that reaches
+``mprotect`` or ``madvise`` itself (ctypes, raw memory) could undo it, and such code can undo
+any in-process check (docs/SECURITY.md, "Limits").
 """
 from __future__ import annotations
 
@@ -19,14 +21,12 @@ import os
 from typing import Any
 
 _ALIGN = 64  # every storage starts on a cache line: a multiple of any dtype's size
-_PROT_READ = 0x1
 
 
 class ReadOnlyParameters:
     """Where the parameters now live: ``holds(address)`` says whether a storage is there."""
 
-    def __init__(self, mapping: mmap.mmap, start: int, length: int, storages: int):
-        self._mapping = mapping  # the memory itself: the parameters' tensors view it
+    def __init__(self, start: int, length: int, storages: int):
         self.start, self.length, self.storages = start, length, storages
 
     def holds(self, address: int) -> bool:
@@ -49,8 +49,15 @@ def protect(module: Any, torch: Any) -> ReadOnlyParameters | None:
         offsets.append(size)
         size += -(-storage.nbytes() // _ALIGN) * _ALIGN
     length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-    mapping = mmap.mmap(-1, length)
-    base = torch.frombuffer(mapping, dtype=torch.uint8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    address = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        _raise_errno("mmap of room for the model's parameters")
+    # Never unmapped: the parameters live as long as the worker.
+    base = torch.frombuffer((ctypes.c_uint8 * length).from_address(address), dtype=torch.uint8)
     with torch.no_grad():
         for offset, (storage, parameters) in zip(offsets, storages.values()):
             old = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
@@ -59,9 +66,11 @@ def protect(module: Any, torch: Any) -> ReadOnlyParameters | None:
                 parameter.data = torch.empty(0, dtype=parameter.dtype).set_(
                     base.untyped_storage(), offset // parameter.element_size() + parameter.storage_offset(),
                     parameter.size(), parameter.stride())
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    if libc.mprotect(base.data_ptr(), length, _PROT_READ) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, f"mprotect of the model's parameters failed: {os.strerror(error)}")
-    return ReadOnlyParameters(mapping, base.data_ptr(), length, len(storages))
+    if libc.mprotect(address, length, mmap.PROT_READ) != 0:
+        _raise_errno("mprotect of the model's parameters")
+    return ReadOnlyParameters(address, length, len(storages))
+
+
+def _raise_errno(what: str) -> None:
+    error = ctypes.get_errno()
+    raise OSError(error, f"{what} failed: {os.strerror(error)}")
