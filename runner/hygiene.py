@@ -12,7 +12,7 @@ request runs.
 
 How each part is found (docs/SECURITY.md, "Requests cannot touch each other"):
 
-- the model: every tensor's object, shape, dtype, device, data pointer and
+- the model: every tensor's object, class, shape, strides, dtype, device, memory and
   ``requires_grad`` against start-up; its CPU parameters are read-only memory
   (``runner.weights``: a write faults), every other storage has a SHA-256 fingerprint;
 - namespaces: the dicts of every module loaded at start-up and of their classes, of every
@@ -356,7 +356,7 @@ class Baseline:
                  for sub, cls in state["types"] if type(sub) is not cls]
         for label, tensor, facts in state["tensors"]:
             if _tensor_facts(tensor) != facts:
-                found.append(f"{label}: shape, dtype, device, data pointer or requires_grad changed")
+                found.append(f"{label}: its class, shape, strides, dtype, device, memory or requires_grad changed")
             if tensor._backward_hooks or getattr(tensor, "_post_accumulate_grad_hooks", None):
                 found.append(f"{label}: a tensor hook is registered")
         if not found and self._fingerprint() != self._fingerprints:
@@ -506,5 +506,12 @@ class Baseline:
 
 
 def _tensor_facts(tensor: Any) -> tuple:
-    return (tuple(tensor.shape), tensor.dtype, tensor.device, tensor.data_ptr(), tensor.requires_grad,
-            tensor.untyped_storage().data_ptr())
+    """What makes a tensor read the bytes it read at start-up: its class (a subclass would run
+    a request's ``__torch_function__`` in later forwards), where and how it views its storage
+    (strides, offset, the negation and conjugation bits change what the same bytes mean).
+    The class enters by ``id`` (it stays alive: the baseline holds the tensor's start-up
+    class through torch), so a metaclass's ``__eq__`` cannot pass for it."""
+    storage = tensor.untyped_storage()
+    return (id(type(tensor)), tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.dtype,
+            tensor.layout, tensor.device, tensor.data_ptr(), storage.data_ptr(), storage.nbytes(),
+            tensor.requires_grad, tensor.is_neg(), tensor.is_conj())

@@ -135,6 +135,34 @@ USER_MODULE = textwrap.dedent('''\
         return "planted"
 
 
+    class _Flipped(torch.nn.Parameter):
+        """A weight whose embedding lookups come out negated: code of one request that would
+        run inside every later forward."""
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            result = super().__torch_function__(func, types, args, kwargs or {})
+            return -result if func is torch.nn.functional.embedding else result
+
+
+    def plant_weight_class(model):
+        model._module.transformer.wte.weight.__class__ = _Flipped
+        return "planted"
+
+
+    def plant_weight_strides(model):
+        weight = model._module.transformer.h[0].mlp.c_fc.weight
+        with torch.no_grad():
+            weight.as_strided_(weight.shape, (0, 1))  # every row reads row 0: no byte written
+        return "planted"
+
+
+    def plant_weight_negation(model):
+        weight = model._module.transformer.h[0].mlp.c_fc.weight
+        weight.data = weight.data._neg_view()  # same memory, same pointer, read negated
+        return "planted"
+
+
     def plant_weight_rebind(model):
         weight = model._module.transformer.h[0].mlp.c_fc.weight
         weight.data = weight.data + 1.0  # other memory, not a write to the parameter's own
@@ -456,9 +484,11 @@ def test_weights_cannot_be_discarded_through_a_python_handle_on_their_memory(ses
         assert _same_result(session.victim_run(), session.reference)
 
 
-def test_a_weight_rebound_to_other_memory_does_not_change_the_next_clients_prediction(session):
+@pytest.mark.parametrize("attack", ["plant_weight_rebind", "plant_weight_class", "plant_weight_strides",
+                                    "plant_weight_negation"])
+def test_a_weight_rebound_restrided_negated_or_reclassed_does_not_change_the_next_clients_prediction(session, attack):
     before = session.victim_run()
-    retired = session.plant("plant_weight_rebind")
+    retired = session.plant(attack)
     result = session.victim_run()
     if session.protected:
         assert retired == 1 and _same_result(result, session.reference)
