@@ -149,10 +149,11 @@ class Worker:
         if profile is not None:
             policy = profile if policy is None else policy
         try:
-            if not start_server and (socket is None or not listening(socket)):
+            running = socket is not None and listening(socket)  # asked once: both branches see one answer
+            if not running and not start_server:
                 raise WorkerCrashed(f"no worker server listens at {socket!r}, and start_server=False: this Worker "
                                     "only connects to a running one")
-            if socket is None or not listening(socket):
+            if not running:
                 # Another interpreter for the worker (docs/RUNNER.md, "Another Python"),
                 # resolved and checked before a server starts.
                 python = envs.simulation(profile, python) if profile is not None else \

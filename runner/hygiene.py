@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import builtins
 import copyreg
+import faulthandler
 import gc
 import hashlib
 import itertools
@@ -268,6 +269,8 @@ class Baseline:
         self._gc_callbacks = list(gc.callbacks)
         self._environ = dict(os.environ)
         self._environ_bytes = dict(os.environ._data)  # what os.environ holds, encoded
+        self._environ_parts = dict(vars(os.environ))  # its _data dict and its encoders, by identity
+        self._faulthandler = faulthandler.is_enabled()
         self._warning_filters = list(warnings.filters)
         self._limits = (sys.getrecursionlimit(), sys.getswitchinterval(), sys.get_asyncgen_hooks(),
                         torch.get_num_threads() if torch is not None else None)
@@ -325,6 +328,9 @@ class Baseline:
         self._watched.add(getattr(model, "__dict__", None), "model wrapper")
         tensors = [(f"parameter {name}", tensor) for name, tensor in module.named_parameters(remove_duplicate=False)]
         tensors += [(f"buffer {name}", tensor) for name, tensor in module.named_buffers(remove_duplicate=False)]
+        if self._read_only is not None:  # memory the parameters left, still viewed by something else
+            tensors += [(f"memory a parameter moved out of ({index})", tensor)
+                        for index, tensor in enumerate(self._read_only.left_behind)]
         return {
             "module": module, "types": [(sub, type(sub)) for sub in module.modules()],
             "tensors": [(label, tensor, _tensor_facts(tensor)) for label, tensor in tensors],
@@ -394,11 +400,16 @@ class Baseline:
             done.append("threading.excepthook")
             threading.excepthook = self._threading_hook
         handlers_now = tuple(map(signal.getsignal, self._signal_numbers))
-        if any(map(operator.is_not, handlers_now, self._signal_handlers)):  # identity, in C: 64 signals
+        signals_changed = any(map(operator.is_not, handlers_now, self._signal_handlers))  # identity, in C
+        if signals_changed:
             for number, handler, now in zip(self._signal_numbers, self._signal_handlers, handlers_now):
                 if now is not handler:  # a handler would run inside the next request
                     done.append(f"signal handler {number}")
                     signal.signal(number, handler)
+        # faulthandler's handlers are below Python's table (getsignal never sees them): put
+        # back over a fault signal the request took, or after it turned faulthandler off.
+        if self._faulthandler and (signals_changed or not faulthandler.is_enabled()):
+            faulthandler.enable()
         for timer in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
             if signal.getitimer(timer) != (0.0, 0.0):
                 done.append("interval timer")
@@ -406,6 +417,10 @@ class Baseline:
         if gc.callbacks != self._gc_callbacks:
             done.append("gc.callbacks")
             gc.callbacks[:] = self._gc_callbacks
+        if not _same(vars(os.environ), self._environ_parts):  # a stand-in _data could lie to the check below
+            done.append("os.environ's parts")
+            vars(os.environ).clear()
+            vars(os.environ).update(self._environ_parts)
         if not _same(os.environ._data, self._environ_bytes):
             done.append("environment variables")
             for key in os.environ.keys() - self._environ.keys():

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Container, Sequence
 
 import capture
@@ -61,7 +62,20 @@ _SERVER_ENDINGS = (errors.CRASHED, errors.STOPPED)
 
 
 class _DirectLinkLost(Exception):
-    """The same-node connection to a replica's server was lost (its actor died with it)."""
+    """A replica reached through its server's socket was lost (its actor died with it)."""
+
+
+@dataclass(frozen=True)
+class _SameNode:
+    """A connection to a replica's server on this node, and the actor it was found through."""
+
+    worker: Worker
+    actor_pid: int
+
+
+# How long a replica's path is decided with: its actor's ``info`` in time, or relay this call;
+# a replica whose server could not be reached is looked at again after a while.
+_INFO_SECONDS, _LOOK_AGAIN_SECONDS = 10.0, 5.0
 
 
 def actor_name(model: str, index: int) -> str:
@@ -267,10 +281,10 @@ class RayExecutor(concurrent.futures.Executor):
         self._handles: dict[str, Any] = {}
         self._in_flight: dict[str, int] = {}
         self._known: dict[str, tuple[str | None, set]] = {}  # replica -> (store id, digests it holds)
-        # replica -> a connection to its server when it runs on this node (None: relay through the actor)
-        self._direct: dict[str, Worker | None] = {}
-        self._direct_actor: dict[str, int] = {}  # replica -> the actor pid its direct link was made to
-        self._linking = threading.Lock()  # one thread at a time decides a replica's path
+        # replica -> a connection to its server (it runs on this node), or until when it is
+        # relayed through its actor before the next look (forever: it runs on another node)
+        self._paths: dict[str, _SameNode | float] = {}
+        self._deciding: dict[str, threading.Lock] = {}  # replica -> held by the thread deciding its path
         self._node = ray.get_runtime_context().get_node_id() if same_node else None
         self._turn = itertools.count()
         self._refresh()
@@ -294,7 +308,7 @@ class RayExecutor(concurrent.futures.Executor):
             for name in gone:
                 del self._handles[name]
         for name in gone:
-            self._drop_link(name)
+            self._forget_path(name)
 
     # -- the Executor interface ---------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
@@ -325,9 +339,9 @@ class RayExecutor(concurrent.futures.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
         with self._lock:
-            links, self._direct = [link for link in self._direct.values() if link is not None], {}
+            links, self._paths = [path for path in self._paths.values() if isinstance(path, _SameNode)], {}
         for link in links:
-            link.close()
+            link.worker.close()
 
     # -- one call -------------------------------------------------------------------------
     def _run(self, kind: str, encode: Callable[[Container[str]], capture.Bundle], timeout: float | None,
@@ -344,7 +358,7 @@ class RayExecutor(concurrent.futures.Executor):
                         f"replica {name} was lost {failures} time(s) running this call "
                         f"({type(exc).__name__}); gave up after {self.retries} retries") from exc
                 self._forget(name)
-                self._drop_link(name)
+                self._forget_path(name)
                 time.sleep(min(0.25 * 2 ** failures, 4.0))  # give Ray time to restart or reschedule it
                 self._refresh()
                 continue
@@ -369,17 +383,9 @@ class RayExecutor(concurrent.futures.Executor):
             store, known = self._known.get(name, (None, set()))
             known = () if full else set(known)
         bundle = encode(known)
-        link = self._direct_link(name)
-        if link is not None:
-            try:
-                outcome = link.run_frames(bundle.header, bundle.frames, kind, timeout=timeout)
-            except errors.WorkerCrashed as exc:  # the connection: the worker's own failures are outcomes
-                raise _DirectLinkLost(f"the connection to replica {name}'s server was lost: {exc}") from exc
-            if outcome.kind == ERROR and (outcome.meta.get("error") or {}).get("category") in _SERVER_ENDINGS \
-                    and not self._still_there(name):
-                # Its server went down with the actor (Ray ends an actor's children with it):
-                # the replica was lost, not failed by this call, which runs again as relayed ones do.
-                raise _DirectLinkLost(f"replica {name} ended while running this call")
+        path = self._same_node(name)
+        if path is not None:
+            outcome = self._send_same_node(name, path, kind, bundle, timeout)
         else:
             header, frames = _as_array(bundle.header), [_as_array(frame) for frame in bundle.frames]
             outcome = Outcome(*ray.get(self._handles[name].run.remote(self.tenant, kind, header, frames, timeout)))
@@ -389,40 +395,75 @@ class RayExecutor(concurrent.futures.Executor):
             self._forget(name)
         return outcome
 
-    def _direct_link(self, name: str) -> Worker | None:
-        """A connection to the server of replica ``name`` if it runs on this node and its
-        socket answers here (not, say, across a container boundary); else ``None``."""
+    def _send_same_node(self, name: str, path: "_SameNode", kind: str, bundle: capture.Bundle,
+                        timeout: float | None) -> Outcome:
+        """One call over a same-node link. A failure that says the server or its worker was
+        ended from outside (the connection lost, a crash or stop reported) is the replica's
+        loss, retried, when Ray no longer runs the actor the link was made through (Ray ends
+        an actor's children with it); else it stands, as the same failure relayed would."""
+        try:
+            outcome = path.worker.run_frames(bundle.header, bundle.frames, kind, timeout=timeout)
+        except (errors.WorkerCrashed, errors.WorkerStopped) as exc:  # the connection, not the worker
+            outcome, lost = failure_outcome(exc), exc
+        else:
+            category = (outcome.meta.get("error") or {}).get("category") if outcome.kind == ERROR else None
+            lost = None if category not in _SERVER_ENDINGS else outcome
+            if lost is None:
+                return outcome
+        if not self._still_there(name, path):
+            self._drop_path(name, path)
+            raise _DirectLinkLost(f"replica {name} ended while running this call: {lost}")
+        if isinstance(lost, BaseException):
+            self._drop_path(name, path)  # its server alone went: the next call links again
+        return outcome
+
+    def _same_node(self, name: str) -> "_SameNode | None":
+        """The link to replica ``name``'s server when it runs on this node and its socket
+        answers here (not, say, across a container boundary); ``None``: relay this call."""
+        if self._node is None:
+            return None
         with self._lock:
-            if name in self._direct or self._node is None:
-                return self._direct.get(name)
-        with self._linking:
-            with self._lock:
-                if name in self._direct:
-                    return self._direct[name]
-                handle = self._handles[name]
-            link = None
-            info = ray.get(handle.info.remote())
-            if info.get("node_id") == self._node:
+            path = self._paths.get(name)
+            if isinstance(path, _SameNode):
+                return path
+            if path is not None and time.monotonic() < path:
+                return None
+            deciding = self._deciding.setdefault(name, threading.Lock())
+            handle = self._handles[name]
+        if not deciding.acquire(blocking=False):
+            return None  # another thread is deciding: this call is relayed meanwhile
+        try:
+            path, look_again = None, time.monotonic() + _LOOK_AGAIN_SECONDS
+            try:
+                info = ray.get(handle.info.remote(), timeout=_INFO_SECONDS)
+            except ray.exceptions.GetTimeoutError:
+                info = {}  # busy or restarting: relayed, and looked at again soon
+            if info and info.get("node_id") != self._node:
+                look_again = float("inf")
+            elif info:
                 try:
                     # Never a server of our own in its place, and no waiting for a gone one:
                     # a lost replica is retried through Ray, which restarts it.
-                    link = Worker(socket=info["socket"], start_server=False, reconnect=0, timeout=self.timeout)
+                    path = _SameNode(Worker(socket=info["socket"], start_server=False, reconnect=0,
+                                            timeout=self.timeout), info["actor_pid"])
                 except (OSError, errors.RunnerError):
-                    link = None
+                    pass  # its server is restarting, or its socket is out of reach from here
             with self._lock:
-                self._direct[name] = link
-                if link is not None:
-                    self._direct_actor[name] = info.get("actor_pid")
-            return link
+                self._paths[name] = path if path is not None else look_again
+            return path
+        finally:
+            deciding.release()
 
-    def _still_there(self, name: str) -> bool:
-        """Whether the actor replica ``name``'s same-node link was made to is the one Ray runs now."""
+    def _still_there(self, name: str, path: "_SameNode") -> bool:
+        """Whether Ray still runs the actor ``path`` was made through (when it cannot tell in
+        time, yes: a failure is then reported as it came)."""
         try:
-            info = ray.get(self._handles[name].info.remote())
+            info = ray.get(self._handles[name].info.remote(), timeout=_INFO_SECONDS)
         except _REPLICA_LOST:
             return False
-        with self._lock:
-            return info.get("actor_pid") == self._direct_actor.get(name)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayTaskError):
+            return True
+        return info.get("actor_pid") == path.actor_pid
 
     def _note(self, name: str, sources: Any, digests: list) -> None:
         store_id = sources.get("id") if isinstance(sources, dict) else None
@@ -436,13 +477,22 @@ class RayExecutor(concurrent.futures.Executor):
         with self._lock:
             self._known.pop(name, None)
 
-    def _drop_link(self, name: str) -> None:
-        """After a lost replica: its next path is decided again (it may come back elsewhere)."""
+    def _drop_path(self, name: str, path: "_SameNode") -> None:
+        """Close a link that failed, unless another thread already put a new one in its place."""
         with self._lock:
-            link = self._direct.pop(name, None)
-            self._direct_actor.pop(name, None)
-        if link is not None:
-            link.close()
+            if self._paths.get(name) is path:
+                del self._paths[name]
+        path.worker.close()
+
+    def _forget_path(self, name: str) -> None:
+        """After a replica was lost or undeployed: decide again how to reach it. A link stays
+        (one made since to a restarted actor is fine; a dead one fails on its own)."""
+        with self._lock:
+            path = self._paths.get(name)
+            if not isinstance(path, _SameNode) or name not in self._handles:
+                self._paths.pop(name, None)
+        if isinstance(path, _SameNode) and name not in self._handles:
+            path.worker.close()
 
     def __repr__(self) -> str:
         return f"<runner.RayExecutor model {self.model!r} tenant {self.tenant!r} replicas {sorted(self._handles)}>"

@@ -24,26 +24,36 @@ _ALIGN = 64  # every storage starts on a cache line: a multiple of any dtype's s
 
 
 class ReadOnlyParameters:
-    """Where the parameters now live: ``holds(address)`` says whether a storage is there."""
+    """Where the parameters now live: ``holds(address)`` says whether a storage is there.
+    ``left_behind``: byte views of old storages something besides the model's parameters
+    and buffers still viewed when they moved (a cached ``weight.t()``): still writable, so
+    the hygiene fingerprints them."""
 
-    def __init__(self, start: int, length: int, storages: int):
-        self.start, self.length, self.storages = start, length, storages
+    def __init__(self, start: int, length: int, storages: int, left_behind: list):
+        self.start, self.length, self.storages, self.left_behind = start, length, storages, left_behind
 
     def holds(self, address: int) -> bool:
         return self.start <= address < self.start + self.length
 
 
 def protect(module: Any, torch: Any) -> ReadOnlyParameters | None:
-    """Move ``module``'s dense CPU parameters (tied ones once) into one read-only mapping;
-    ``None`` when it has none. Run once, before the warm-up and the hygiene baseline."""
+    """Move ``module``'s dense CPU parameters (tied ones once, and buffers viewing the same
+    memory) into one read-only mapping; ``None`` when it has none, or when this torch cannot
+    tell what else views their memory. Run once, before the warm-up and the hygiene baseline."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return None  # every storage stays where it is, fingerprinted
     storages: dict[int, tuple[Any, list]] = {}
     for parameter in {id(p): p for _, p in module.named_parameters(remove_duplicate=False)}.values():
-        if parameter.device.type != "cpu" or parameter.layout != torch.strided:
-            continue
-        storage = parameter.untyped_storage()
-        storages.setdefault(storage.data_ptr(), (storage, []))[1].append(parameter)
+        if parameter.device.type == "cpu" and parameter.layout == torch.strided and parameter.untyped_storage().nbytes():
+            storage = parameter.untyped_storage()
+            storages.setdefault(storage.data_ptr(), (storage, []))[1].append(parameter)
     if not storages:
         return None
+    for buffer in {id(b): b for _, b in module.named_buffers(remove_duplicate=False)}.values():
+        shared = storages.get(buffer.untyped_storage().data_ptr()) if buffer.layout == torch.strided else None
+        if shared is not None:
+            shared[1].append(buffer)
     offsets, size = [], 0
     for storage, _ in storages.values():
         offsets.append(size)
@@ -58,17 +68,19 @@ def protect(module: Any, torch: Any) -> ReadOnlyParameters | None:
         _raise_errno("mmap of room for the model's parameters")
     # Never unmapped: the parameters live as long as the worker.
     base = torch.frombuffer((ctypes.c_uint8 * length).from_address(address), dtype=torch.uint8)
+    left_behind = []
     with torch.no_grad():
-        for offset, (storage, parameters) in zip(offsets, storages.values()):
-            old = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
-            base[offset:offset + storage.nbytes()].copy_(old)
-            for parameter in parameters:
-                parameter.data = torch.empty(0, dtype=parameter.dtype).set_(
-                    base.untyped_storage(), offset // parameter.element_size() + parameter.storage_offset(),
-                    parameter.size(), parameter.stride())
+        for offset, (storage, tensors) in zip(offsets, storages.values()):
+            base[offset:offset + storage.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+            for tensor in tensors:
+                tensor.data = torch.empty(0, dtype=tensor.dtype).set_(
+                    base.untyped_storage(), offset // tensor.element_size() + tensor.storage_offset(),
+                    tensor.size(), tensor.stride())
+            if use_count(storage._cdata) > 1:  # ours is the one reference left, unless something else views it
+                left_behind.append(torch.empty(0, dtype=torch.uint8).set_(storage))
     if libc.mprotect(address, length, mmap.PROT_READ) != 0:
         _raise_errno("mprotect of the model's parameters")
-    return ReadOnlyParameters(address, length, len(storages))
+    return ReadOnlyParameters(address, length, len(storages), left_behind)
 
 
 def _raise_errno(what: str) -> None:
