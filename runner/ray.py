@@ -423,16 +423,19 @@ class RayExecutor(concurrent.futures.Executor):
         if self._node is None:
             return None
         with self._lock:
-            path = self._paths.get(name)
+            deciding = self._deciding.setdefault(name, threading.Lock())
+            handle = self._handles[name]
+        # Calls wait for a decision under way rather than relay meanwhile: a tenant whose
+        # first calls went both ways would be two clients at the server, twice its share.
+        if not deciding.acquire(timeout=_INFO_SECONDS):
+            return None
+        try:
+            with self._lock:
+                path = self._paths.get(name)
             if isinstance(path, _SameNode):
                 return path
             if path is not None and time.monotonic() < path:
                 return None
-            deciding = self._deciding.setdefault(name, threading.Lock())
-            handle = self._handles[name]
-        if not deciding.acquire(blocking=False):
-            return None  # another thread is deciding: this call is relayed meanwhile
-        try:
             path, look_again = None, time.monotonic() + _LOOK_AGAIN_SECONDS
             try:
                 info = ray.get(handle.info.remote(), timeout=_INFO_SECONDS)

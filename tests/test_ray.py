@@ -266,6 +266,7 @@ def test_twenty_calls_in_flight_survive_the_actor_being_killed(plain, user, same
 
 
 def test_two_tenants_take_turns_at_one_replica(plain, user):
+    relayed = replica_info()["requests"]
     with executor(tenant="alice", max_in_flight=20) as alice, executor(tenant="bob") as bob:
         queued = [alice.submit(user.tagged, f"alice-{n}", 0.2) for n in range(20)]
         wait_until(lambda: (replica_info()["queued"] or 0) >= 5, what="alice's queue at the server")
@@ -274,6 +275,9 @@ def test_two_tenants_take_turns_at_one_replica(plain, user):
     order = [tag for tag, _ in finished]
     alice_done = [tag for tag in order if tag.startswith("alice")]
     assert order.index("bob") < order.index(alice_done[2]), order  # before alice's third of twenty
+    # Alice's twenty calls, sent at once, all took the same-node path: had some been relayed
+    # while her first decided it, she would be two clients at the server, with twice the share.
+    assert replica_info()["requests"] == relayed
 
 
 def test_code_that_prints_still_travels_after_ray_printed_in_this_driver(plain, user):
