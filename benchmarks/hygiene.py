@@ -81,8 +81,7 @@ def _child(repeats: int, hash_bytes: int) -> dict:
         hashing = interleaved({"sha256": lambda: hashlib.sha256(buffer).digest()},
                               repeats=max(3, repeats // 5))["sha256"]
         parameter_bytes = sum(t.numel() * t.element_size() for _, t, _ in baseline._model["tensors"])
-        fingerprinted = sum(t.untyped_storage().nbytes() for _, t, _ in baseline._model["tensors"]
-                            if read_only is None or not read_only.holds(t.untyped_storage().data_ptr()))
+        fingerprinted = sum(storage.nbytes() for storage in baseline._hashed_storages().values())
         return {
             "times": {name: summarize(values) for name, values in samples.items()},
             "ratio_to_forward": paired_ratios(samples[AFTER], samples[FORWARD]),

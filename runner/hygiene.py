@@ -338,21 +338,26 @@ class Baseline:
         }
 
     def _fingerprint(self) -> dict[int, bytes]:
-        """SHA-256 of every storage the model's tensors use that is not read-only memory,
-        each once (tied weights share one). A storage on another device is copied to the
-        host first: correct, but a CUDA model wants a device-side hash (docs/SECURITY.md)."""
-        if self._model is None:
-            return {}
+        """SHA-256 of each storage ``_hashed_storages`` names. A storage on another device is
+        copied to the host first: correct, but a CUDA model wants a device-side hash
+        (docs/SECURITY.md)."""
         digests = {}
-        for _, tensor, _ in self._model["tensors"]:
-            storage = tensor.untyped_storage()
-            address = storage.data_ptr()
-            if address in digests or (self._read_only is not None and self._read_only.holds(address)):
-                continue
+        for address, storage in self._hashed_storages().items():
             raw = self.torch.empty(0, dtype=self.torch.uint8, device=storage.device).set_(
                 storage, 0, (storage.nbytes(),))
             digests[address] = hashlib.sha256(raw.cpu().numpy()).digest()
         return digests
+
+    def _hashed_storages(self) -> dict[int, Any]:
+        """The storages the model's tensors use that are not read-only memory, by address,
+        each once (tied weights share one)."""
+        storages: dict[int, Any] = {}
+        for _, tensor, _ in self._model["tensors"] if self._model is not None else ():
+            storage = tensor.untyped_storage()
+            address = storage.data_ptr()
+            if address not in storages and not (self._read_only is not None and self._read_only.holds(address)):
+                storages[address] = storage
+        return storages
 
     def _model_findings(self) -> list[str]:
         state = self._model

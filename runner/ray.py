@@ -401,19 +401,18 @@ class RayExecutor(concurrent.futures.Executor):
         ended from outside (the connection lost, a crash or stop reported) is the replica's
         loss, retried, when Ray no longer runs the actor the link was made through (Ray ends
         an actor's children with it); else it stands, as the same failure relayed would."""
+        connection_lost = False
         try:
             outcome = path.worker.run_frames(bundle.header, bundle.frames, kind, timeout=timeout)
         except (errors.WorkerCrashed, errors.WorkerStopped) as exc:  # the connection, not the worker
-            outcome, lost = failure_outcome(exc), exc
-        else:
-            category = (outcome.meta.get("error") or {}).get("category") if outcome.kind == ERROR else None
-            lost = None if category not in _SERVER_ENDINGS else outcome
-            if lost is None:
-                return outcome
+            outcome, connection_lost = failure_outcome(exc), True
+        error = (outcome.meta.get("error") or {}) if outcome.kind == ERROR else {}
+        if not connection_lost and error.get("category") not in _SERVER_ENDINGS:
+            return outcome
         if not self._still_there(name, path):
             self._drop_path(name, path)
-            raise _DirectLinkLost(f"replica {name} ended while running this call: {lost}")
-        if isinstance(lost, BaseException):
+            raise _DirectLinkLost(f"replica {name} ended while running this call: {error.get('message')}")
+        if connection_lost:
             self._drop_path(name, path)  # its server alone went: the next call links again
         return outcome
 
@@ -491,10 +490,10 @@ class RayExecutor(concurrent.futures.Executor):
         """After a replica was lost or undeployed: decide again how to reach it. A link stays
         (one made since to a restarted actor is fine; a dead one fails on its own)."""
         with self._lock:
-            path = self._paths.get(name)
-            if not isinstance(path, _SameNode) or name not in self._handles:
+            path, undeployed = self._paths.get(name), name not in self._handles
+            if undeployed or not isinstance(path, _SameNode):
                 self._paths.pop(name, None)
-        if isinstance(path, _SameNode) and name not in self._handles:
+        if undeployed and isinstance(path, _SameNode):
             path.worker.close()
 
     def __repr__(self) -> str:

@@ -29,8 +29,8 @@ class ReadOnlyParameters:
     and buffers still viewed when they moved (a cached ``weight.t()``): still writable, so
     the hygiene fingerprints them."""
 
-    def __init__(self, start: int, length: int, storages: int, left_behind: list):
-        self.start, self.length, self.storages, self.left_behind = start, length, storages, left_behind
+    def __init__(self, start: int, length: int, left_behind: list):
+        self.start, self.length, self.left_behind = start, length, left_behind
 
     def holds(self, address: int) -> bool:
         return self.start <= address < self.start + self.length
@@ -45,8 +45,8 @@ def protect(module: Any, torch: Any) -> ReadOnlyParameters | None:
         return None  # every storage stays where it is, fingerprinted
     storages: dict[int, tuple[Any, list]] = {}
     for parameter in {id(p): p for _, p in module.named_parameters(remove_duplicate=False)}.values():
-        if parameter.device.type == "cpu" and parameter.layout == torch.strided and parameter.untyped_storage().nbytes():
-            storage = parameter.untyped_storage()
+        storage = parameter.untyped_storage()
+        if parameter.device.type == "cpu" and parameter.layout == torch.strided and storage.nbytes():
             storages.setdefault(storage.data_ptr(), (storage, []))[1].append(parameter)
     if not storages:
         return None
@@ -80,7 +80,7 @@ def protect(module: Any, torch: Any) -> ReadOnlyParameters | None:
                 left_behind.append(torch.empty(0, dtype=torch.uint8).set_(storage))
     if libc.mprotect(address, length, mmap.PROT_READ) != 0:
         _raise_errno("mprotect of the model's parameters")
-    return ReadOnlyParameters(address, length, len(storages), left_behind)
+    return ReadOnlyParameters(address, length, left_behind)
 
 
 def _raise_errno(what: str) -> None:
